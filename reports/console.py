@@ -1,0 +1,158 @@
+"""The rich console report: verdict first, findings by severity with evidence and fix, the
+per-token-class table, and a token view of a few rows."""
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from sftdoctor.report import Report
+
+SEVERITY_STYLE = {"fail": "bold red", "warn": "yellow", "info": "cyan"}
+VERDICT_STYLE = {"fail": "bold white on red", "warn": "bold black on yellow", "pass": "bold white on green"}
+CLASS_NAMES = ["prompt", "response", "eos", "pad", "special"]
+CLASS_STYLE = {0: "grey50", 1: "green", 2: "bold magenta", 3: "grey35", 4: "blue"}
+RUN_COLLAPSE = 12  # runs of one class longer than this are shown as "[pad x412]"
+
+
+def render(report: Report, console: Console | None = None, *, tokens: bool = True, max_rows: int = 2) -> None:
+    console = console or Console()
+    for part in renderables(report, tokens=tokens, max_rows=max_rows):
+        console.print(part)
+
+
+def renderables(report: Report, *, tokens: bool = True, max_rows: int = 2) -> list[Any]:
+    out: list[Any] = [verdict_line(report)]
+    if report.run.get("status") not in (None, "completed"):
+        out.append(Text(f"run {report.run.get('status')}: {report.run.get('error', {}).get('message', '') if isinstance(report.run.get('error'), dict) else ''}".rstrip(": "), style="red"))
+    for f in report.by_severity():
+        out.append(finding_panel(f))
+    table = class_table(report)
+    if table is not None:
+        out.append(table)
+    if tokens and report.samples:
+        out.append(token_view(report, max_rows=max_rows))
+    out.append(checks_line(report))
+    return out
+
+
+def verdict_line(report: Report) -> Text:
+    v = report.verdict
+    counts = {s: sum(1 for f in report.findings if f.severity == s) for s in ("fail", "warn", "info")}
+    t = Text()
+    t.append(f" {v.upper()} ", style=VERDICT_STYLE[v])
+    t.append(f"  sftdoctor {report.command}: {counts['fail']} fail, {counts['warn']} warn, {counts['info']} info")
+    return t
+
+
+def format_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        shown = ", ".join(format_value(x) for x in v[:8])
+        return f"[{shown}{', ...' if len(v) > 8 else ''}]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {format_value(x)}" for k, x in list(v.items())[:6]) + "}"
+    return str(v)
+
+
+def finding_panel(f) -> Panel:
+    body = Table.grid(padding=(0, 1))
+    body.add_column(style="bold", no_wrap=True)
+    body.add_column()
+    body.add_row("what", Text(f.message))
+    for k, v in f.evidence.items():
+        body.add_row(Text(k, style="dim"), Text(format_value(v)))
+    if f.fix:
+        body.add_row("fix", Text(f.fix, style="green"))
+    where = f" step {f.step}" if f.step else ""
+    rank = f" rank {f.rank}" if f.rank is not None else ""
+    title = Text.assemble((f" {f.severity.upper()} ", SEVERITY_STYLE[f.severity]), f" {f.id} ", (f"[{f.level}{where}{rank}]", "dim"))
+    return Panel(body, title=title, title_align="left", border_style=SEVERITY_STYLE[f.severity].split()[-1])
+
+
+def class_table(report: Report) -> Table | None:
+    tc = report.metrics.get("token_classes")
+    if not tc:
+        return None
+    t = Table(title="tokens by class", title_justify="left")
+    for col in ("class", "tokens", "supervised", "supervised share"):
+        t.add_column(col, justify="right" if col != "class" else "left")
+    for name, row in tc.items():
+        n, s = row.get("tokens", 0), row.get("supervised", 0)
+        t.add_row(name, str(n), str(s), f"{s / n:.0%}" if n else "-")
+    return t
+
+
+def token_view(report: Report, max_rows: int = 2) -> Group:
+    """Each token styled by class; supervised tokens underlined; a label that is not the input
+    token (and not -100) shown in red brackets. Long runs of one class are collapsed."""
+    parts: list[Any] = [Text("token view  ", style="bold") + legend()]
+    for row in report.samples[:max_rows]:
+        parts.append(Text(f"row {row['row']} ({row.get('length', len(row['ids']))} tokens)", style="dim"))
+        parts.append(row_text(row))
+    return Group(*parts)
+
+
+def legend() -> Text:
+    t = Text()
+    for i, name in enumerate(CLASS_NAMES):
+        t.append(f" {name} ", style=CLASS_STYLE[i])
+    t.append(" supervised ", style="underline")
+    t.append(" [label≠input] ", style="bold red")
+    return t
+
+
+def row_text(row: dict[str, Any]) -> Text:
+    ids, texts, classes = row["ids"], row["texts"], row["classes"]
+    labels = row.get("labels")
+    t = Text()
+    i, n = 0, len(ids)
+    while i < n:
+        j = i
+        while j < n and classes[j] == classes[i] and _sup(labels, j) == _sup(labels, i) and not _odd(labels, ids, j):
+            j += 1
+        if j - i > RUN_COLLAPSE:
+            # show the edges of a long run and collapse its middle
+            for k in range(i, i + 3):
+                _token(t, row, k)
+            sup = " supervised" if _sup(labels, i) else ""
+            t.append(f" [{CLASS_NAMES[classes[i]]}{sup} ×{j - i - 6}] ", style="reverse " + CLASS_STYLE[classes[i]])
+            for k in range(j - 3, j):
+                _token(t, row, k)
+            i = j
+            continue
+        if j == i:  # an odd label: one token alone
+            j = i + 1
+        for k in range(i, j):
+            _token(t, row, k)
+        i = j
+    return t
+
+
+def _sup(labels, k) -> bool:
+    return labels is not None and labels[k] != -100
+
+
+def _odd(labels, ids, k) -> bool:
+    return labels is not None and labels[k] != -100 and labels[k] != ids[k]
+
+
+def _token(t: Text, row: dict[str, Any], k: int) -> None:
+    cls = row["classes"][k]
+    style = CLASS_STYLE[cls] + (" underline" if _sup(row.get("labels"), k) else "")
+    text = row["texts"][k].replace("\n", "↵\n") if row["texts"][k] else f"<{row['ids'][k]}>"
+    t.append(text, style=style)
+    if _odd(row.get("labels"), row["ids"], k):
+        t.append(f"[{row['labels'][k]}]", style="bold red")
+
+
+def checks_line(report: Report) -> Text:
+    counts: dict[str, int] = {}
+    for c in report.checks:
+        counts[c.status] = counts.get(c.status, 0) + 1
+    parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return Text(f"checks: {parts or 'none ran'}", style="dim")

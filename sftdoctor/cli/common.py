@@ -1,0 +1,42 @@
+"""Options and output shared by every verb: --json, --html, --ignore, and the exit code."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..report import Report
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--json", metavar="PATH", help="write the JSON report (schema sftdoctor.report/1) here")
+    g.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here")
+    g.add_argument("--ignore", metavar="ID", action="append", default=[],
+                   help="finding id to ignore (repeatable; also [tool.sftdoctor] ignore in pyproject.toml)")
+    g.add_argument("--quiet", "-q", action="store_true", help="print only the verdict and findings, no token view")
+
+
+def write_outputs(report: Report, args: argparse.Namespace) -> None:
+    if getattr(args, "json", None):
+        report.save(args.json)
+    if getattr(args, "html", None):
+        from sftdoctor.reports.html import write_html
+
+        write_html(report, args.html)
+
+
+def print_report(report: Report, args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from sftdoctor.reports.console import render
+
+    render(report, Console(stderr=False, soft_wrap=False), tokens=not getattr(args, "quiet", False))
+
+
+def finish(report: Report, args: argparse.Namespace, *, show: bool = True) -> int:
+    """Print, write --json/--html, and return the exit code (0 pass/warn, 1 fail)."""
+    if show:
+        print_report(report, args)
+    write_outputs(report, args)
+    sys.stdout.flush()
+    return 1 if report.verdict == "fail" else 0

@@ -1,0 +1,27 @@
+"""`sftdoctor probes`: list every check with its id, level and one line."""
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("probes", help="list every check: id, level, what it finds")
+    p.add_argument("--level", choices=["batch", "step", "run", "checkpoint"], help="only this level")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from sftdoctor.probes import ALL
+
+    t = Table(title="sftdoctor checks", title_justify="left")
+    t.add_column("id", style="bold")
+    t.add_column("level")
+    t.add_column("what it finds")
+    for p in ALL:
+        if args.level and p.level != args.level:
+            continue
+        for i in p.ids:
+            t.add_row(i, p.level, p.summary if i == p.id else f"(from {p.id})")
+    Console().print(t)
+    return 0

@@ -1,0 +1,107 @@
+"""Loading tokenizers, configs and models from a local folder or the Hugging Face Hub, with one
+clear line when that is not possible (missing folder, no network, gated repo)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.rstrip("/").split("/", 1)[-1] or Path(name).exists()
+
+
+def _hub_error(what: str, name: str, e: Exception) -> UserError:
+    text = f"{type(e).__name__}: {e}"
+    if kw_local_only(e) or any(k in text for k in ("offline", "Connection", "resolve", "Max retries", "Network", "timed out", "couldn't connect", "LocalEntryNotFound", "ConnectError")):
+        return UserError(
+            f"cannot load {what} {name!r}: the Hugging Face Hub is unreachable and it is not in the local cache; "
+            "pass a local folder, or download it on a machine with network (huggingface-cli download)"
+        )
+    if "gated" in text or "401" in text or "403" in text:
+        return UserError(f"cannot load {what} {name!r}: the repository is gated or private; run `huggingface-cli login`")
+    if "404" in text or "not a valid model identifier" in text or "Repository Not Found" in text or "RepositoryNotFound" in text:
+        return UserError(f"cannot load {what} {name!r}: no such local folder or Hub repository; check the name")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UserError(f"cannot load {what} {name!r}: {first}")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick DNS + TCP check, so an offline machine gets one clear line instead of
+    huggingface_hub's minute of retries. HF_HUB_OFFLINE=1 means "do not try"."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_kwargs(name: str, kw: dict[str, Any]) -> dict[str, Any]:
+    """For a Hub id on an offline machine: use the local cache only (a clear error if absent)."""
+    if not Path(name).expanduser().exists() and not hub_reachable():
+        kw = {**kw, "local_files_only": True}
+    return kw
+
+
+def kw_local_only(e: Exception) -> bool:
+    return "local_files_only" in str(e) or "cannot find the requested files in the local cache" in str(e)
+
+
+def _check_name(what: str, name: str) -> None:
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise UserError(f"{what} path {name} is a file; pass the folder that holds it")
+        return
+    if _looks_local(name) or not _HUB_ID.match(name):
+        raise UserError(f"{what} folder {name} does not exist; pass a local folder or a Hub id like Qwen/Qwen2.5-0.5B")
+
+
+def load_tokenizer(name: str, **kw: Any):
+    _check_name("tokenizer", name)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if Path(name).expanduser().exists() else name, **_hub_kwargs(name, kw))
+    except Exception as e:  # transformers raises OSError/ValueError/HTTP errors here
+        raise _hub_error("tokenizer", name, e) from None
+
+
+def load_config(name: str, **kw: Any):
+    _check_name("model", name)
+    p = Path(name).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise UserError(f"model folder {name} has no config.json; pass the folder of a saved model (save_pretrained)")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(p) if p.exists() else name, **_hub_kwargs(name, kw))
+    except Exception as e:
+        raise _hub_error("model config", name, e) from None
+
+
+def has_weights(folder: str | os.PathLike) -> bool:
+    p = Path(folder)
+    return p.is_dir() and (any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin")))
+
+
+def load_model(name: str, **kw: Any):
+    load_config(name)  # clear errors first
+    from transformers import AutoModelForCausalLM
+
+    p = Path(name).expanduser()
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(p) if p.exists() else name, **_hub_kwargs(name, kw))
+    except Exception as e:
+        raise _hub_error("model", name, e) from None

@@ -1,0 +1,106 @@
+"""Token classes for every position of a batch: prompt, response, EOS, pad, other special.
+
+Derived only from what the batch holds (labels, attention_mask, input_ids) and the tokenizer's
+pad/eos/special ids. Padding is found by *position* (a run at the end of a row, or at its start
+for left padding), never by id alone: where pad == eos, the first EOS after the text is the real
+one and only the rest of the run is padding.
+"""
+from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
+
+from .context import IGNORE_INDEX, Batch, TokenizerInfo
+
+
+class TokenClass(IntEnum):
+    PROMPT = 0  # real token, not supervised
+    RESPONSE = 1  # real token, supervised
+    EOS = 2  # eos / end-of-turn token that is not padding (supervised or not)
+    PAD = 3  # padding position
+    SPECIAL = 4  # other special token (BOS, role markers, ...)
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+CLASS_NAMES = [c.label for c in TokenClass]
+
+
+def _edge_run(row: torch.Tensor, value_mask: torch.Tensor, from_end: bool) -> int:
+    """Length of the run of True in value_mask at the end (or start) of a row."""
+    m = value_mask.flip(0) if from_end else value_mask
+    # cumprod stays 1 exactly over the leading run of ones
+    return int(m.long().cumprod(0).sum())
+
+
+def pad_mask(batch: Batch, tok: TokenizerInfo | None) -> torch.Tensor:
+    """[B, T] bool: positions that are padding.
+
+    - With a pad id: the trailing run of pad ids (right padding) and the leading run (left
+      padding). Where pad == eos, the first id of a trailing run is the row's real EOS unless
+      the attention mask says it is padding.
+    - Without a pad id: the zeros of attention_mask that sit in a run at either end of the row.
+    """
+    ids = batch.input_ids
+    am = batch.attention_mask
+    B, T = ids.shape
+    out = torch.zeros(B, T, dtype=torch.bool)
+    pad_id = tok.pad_id if tok is not None else None
+    for b in range(B):
+        if pad_id is not None:
+            is_pad = ids[b] == pad_id
+            n_tail = _edge_run(ids[b], is_pad, from_end=True)
+            if n_tail == T:  # an all-pad row
+                out[b] = True
+                continue
+            n_head = _edge_run(ids[b], is_pad, from_end=False)
+            if n_tail:
+                first = T - n_tail
+                if tok.pad_is_eos and (am is None or am[b, first] != 0):
+                    first += 1  # position rule: the first EOS after the text is real
+                out[b, first:] = True
+            if n_head:
+                head = torch.ones(n_head, dtype=torch.bool)
+                if am is not None:
+                    head = am[b, :n_head] == 0  # a leading pad id that is attended is BOS-like
+                out[b, :n_head] = head
+        elif am is not None:
+            zeros = am[b] == 0
+            n_tail = _edge_run(am[b], zeros, from_end=True)
+            n_head = _edge_run(am[b], zeros, from_end=False) if n_tail < T else 0
+            if n_tail:
+                out[b, T - n_tail:] = True
+            if n_head:
+                out[b, :n_head] = True
+    return out
+
+
+def classify(batch: Batch, tok: TokenizerInfo | None) -> torch.Tensor:
+    """[B, T] int8 TokenClass codes."""
+    ids = batch.input_ids
+    pad = pad_mask(batch, tok)
+    cls = torch.full(ids.shape, int(TokenClass.PROMPT), dtype=torch.int8)
+    if batch.labels is not None:
+        cls[batch.labels != IGNORE_INDEX] = int(TokenClass.RESPONSE)
+    if tok is not None:
+        if tok.special_ids:
+            special = torch.isin(ids, torch.tensor(sorted(tok.special_ids)))
+            cls[special] = int(TokenClass.SPECIAL)
+        if tok.eos_ids:
+            eos = torch.isin(ids, torch.tensor(sorted(tok.eos_ids)))
+            cls[eos] = int(TokenClass.EOS)
+    cls[pad] = int(TokenClass.PAD)
+    return cls
+
+
+def class_table(batch: Batch, classes: torch.Tensor) -> dict[str, dict[str, int]]:
+    """{class: {"tokens": n, "supervised": n}} over the whole batch."""
+    sup = (batch.labels != IGNORE_INDEX) if batch.labels is not None else torch.zeros_like(classes, dtype=torch.bool)
+    table = {}
+    for c in TokenClass:
+        m = classes == int(c)
+        table[c.label] = {"tokens": int(m.sum()), "supervised": int((m & sup).sum())}
+    return table

@@ -1,0 +1,80 @@
+"""The engine, the report and its JSON round trip, token classes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sftdoctor
+from sftdoctor.context import Batch, TokenizerInfo
+from sftdoctor.findings import CheckResult, Finding
+from sftdoctor.report import SCHEMA, Report
+from sftdoctor.tokens import TokenClass, classify
+
+from conftest import completion_batch, gsm8k_rows, tokenizer, with_pad
+
+
+def test_report_json_round_trip(tmp_path):
+    r = Report(command="inspect-batch")
+    r.add([Finding("labels-pad-not-ignored", "fail", "batch", "m", {"n": 3, "x": float("nan")}, "fix", step=0)])
+    r.record_checks([CheckResult("labels-pad-not-ignored", "fail"), CheckResult("bos-duplicated", "pass")])
+    p = tmp_path / "r.json"
+    r.save(p)
+    d = json.loads(p.read_text())
+    assert d["schema"] == SCHEMA and d["verdict"] == "fail"
+    assert d["findings"][0]["evidence"]["x"] == "nan"
+    back = Report.load(p)
+    assert back.verdict == "fail" and back.findings[0].id == "labels-pad-not-ignored"
+    assert [c.status for c in back.checks] == ["fail", "pass"]
+
+
+def test_verdict_rules():
+    r = Report(command="x")
+    assert r.verdict == "pass"
+    r.add([Finding("bos-duplicated", "warn", "batch", "m")])
+    assert r.verdict == "warn"
+    r.add([Finding("labels-pad-not-ignored", "fail", "batch", "m")])
+    assert r.verdict == "fail"
+    with pytest.raises(sftdoctor.FailuresFound, match="labels-pad-not-ignored"):
+        r.raise_for_failures()
+
+
+def test_checks_keep_worst_status():
+    r = Report(command="x")
+    r.record_checks([CheckResult("a", "skipped", "needs step")])
+    r.record_checks([CheckResult("a", "pass")])
+    r.record_checks([CheckResult("a", "warn")])
+    r.record_checks([CheckResult("a", "pass")])
+    assert r.checks[0].status == "warn" and r.checks[0].reason is None
+
+
+def test_pad_equals_eos_real_eos_found_by_position():
+    tok = TokenizerInfo(pad_id=7, eos_ids=frozenset({7}))
+    ids = torch.tensor([[1, 2, 3, 7, 7, 7], [1, 2, 3, 4, 5, 7]])
+    am = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    cls = classify(Batch(input_ids=ids, attention_mask=am), tok)
+    assert cls[0].tolist()[3:] == [TokenClass.EOS, TokenClass.PAD, TokenClass.PAD]
+    assert cls[1, 5] == TokenClass.EOS
+    # without an attention mask the position rule still holds
+    cls = classify(Batch(input_ids=ids), tok)
+    assert cls[0].tolist()[3:] == [TokenClass.EOS, TokenClass.PAD, TokenClass.PAD]
+
+
+def test_loss_mask_becomes_labels():
+    b = Batch.from_mapping({"input_ids": [[5, 6, 7]], "loss_mask": [[0, 1, 1]]})
+    assert b.labels.tolist() == [[-100, 6, 7]] and b.labels_source == "loss_mask"
+
+
+def test_batch_without_input_ids_is_user_error():
+    with pytest.raises(sftdoctor.UserError, match="input_ids"):
+        Batch.from_mapping({"labels": [[1]]})
+
+
+def test_healthy_batch_has_classes_and_samples():
+    tok = with_pad("qwen2.5")
+    report = sftdoctor.inspect_batch(completion_batch(tok, gsm8k_rows()[:4]), tok)
+    tc = report.metrics["token_classes"]
+    assert tc["response"]["supervised"] > 0 and tc["prompt"]["supervised"] == 0
+    assert tc["pad"]["supervised"] == 0 and tc["eos"]["supervised"] == 4
+    assert report.samples and len(report.samples[0]["ids"]) == len(report.samples[0]["classes"])
