@@ -12,10 +12,48 @@ from sftdoctor.engine import Probe
 # Module names, in the order their findings are most useful to read.
 _BATCH = [
     "labels_pad_not_ignored",
+    "attention_mask_hides_tokens",
+    "pad_is_eos_masked",
+    "labels_eos_missing",
+    "labels_misaligned",
+    "labels_no_supervised_tokens",
+    "token_id_out_of_range",
+    "truncation_answer_lost",
+    "labels_prompt_supervised",
+    "position_ids_inconsistent",
+    "packing_cross_contamination",
+    "padding_side_left_train",
+    "attention_rows_empty",
+    "bos_duplicated",
+    "template_mismatch",
+    "pad_token_missing",
 ]
-_STEP: list[str] = []
-_RUN: list[str] = []
-_CHECKPOINT: list[str] = []
+_STEP: list[str] = [
+    "loss_nonfinite",
+    "logits_nonfinite",
+    "precision_overflow",
+    "precision_headroom",
+    "precision_fp16_unsafe",
+    "grad_nonfinite",
+    "grad_from_ignored_tokens",
+    "labels_misaligned_grad",
+    "params_frozen",
+    "prediction_collapse",
+]
+_RUN: list[str] = [
+    "grad_accum_normalization",
+    "loss_scale_skipped_steps",
+    "loss_divergence",
+]
+_CHECKPOINT = [
+    "weights_nonfinite",
+    "precision_inference_overflow",
+    "generation_degenerate",
+    "generation_never_stops",
+    "generation_config_eos",
+    "embeddings_untrained_special",
+    "tied_weights_mismatch",
+]
 
 
 def _load(names: list[str]) -> list[Probe]:

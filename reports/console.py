@@ -35,6 +35,8 @@ def renderables(report: Report, *, tokens: bool = True, max_rows: int = 2) -> li
         out.append(table)
     if tokens and report.samples:
         out.append(token_view(report, max_rows=max_rows))
+    if tokens:
+        out.extend(t for t in (logits_table(report), generation_table(report)) if t is not None)
     out.append(checks_line(report))
     return out
 
@@ -148,6 +150,38 @@ def _token(t: Text, row: dict[str, Any], k: int) -> None:
     t.append(text, style=style)
     if _odd(row.get("labels"), row["ids"], k):
         t.append(f"[{row['labels'][k]}]", style="bold red")
+
+
+def logits_table(report: Report) -> Table | None:
+    """diagnose: per dtype, are the logits finite, P(id 0) after the prompt, the top argmax token."""
+    logits = report.metrics.get("logits")
+    if not isinstance(logits, dict) or not logits:
+        return None
+    t = Table(title="logits by dtype", title_justify="left")
+    for col in ("dtype", "finite", "P(id 0)", "P(pad)", "top argmax", "first non-finite module"):
+        t.add_column(col)
+    for dtype, row in logits.items():
+        top = (row.get("argmax_top") or [{}])[0]
+        t.add_row(Text(dtype + (" (served)" if row.get("served") else "")), "yes" if row.get("logits_finite") else "NO",
+                  format_value(row.get("p_id0")), format_value(row.get("p_pad")),
+                  Text(f"{top.get('token_id', '-')} {top.get('text', '')!r} {format_value(top.get('share', ''))}"),
+                  Text(str(row.get("first_nonfinite_module") or "-")))
+    return t
+
+
+def generation_table(report: Report, rows: int = 4) -> Table | None:
+    """diagnose: a few greedy outputs (text shown as plain Text: never parsed as markup)."""
+    gens = report.metrics.get("generations")
+    if not gens:
+        return None
+    t = Table(title=f"greedy generations ({gens[0].get('dtype')})", title_justify="left")
+    for col in ("#", "output", "tokens", "stopped"):
+        t.add_column(col)
+    for k, g in enumerate(gens[:rows]):
+        text = str(g.get("output", ""))
+        t.add_row(str(k), Text(text[:80] + ("…" if len(text) > 80 else "")), str(g.get("tokens", "")),
+                  "yes" if g.get("stopped") else "no")
+    return t
 
 
 def checks_line(report: Report) -> Text:

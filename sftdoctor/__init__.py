@@ -20,5 +20,7 @@ def __getattr__(name):  # lazy: `attach` pulls in the step hooks only when used
     if name == "attach":
         from .attach import attach
 
+        # importing the submodule bound `sftdoctor.attach` to the module: rebind it to the function
+        globals()["attach"] = attach
         return attach
     raise AttributeError(name)

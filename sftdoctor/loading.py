@@ -97,7 +97,7 @@ def has_weights(folder: str | os.PathLike) -> bool:
 
 
 def load_model(name: str, **kw: Any):
-    load_config(name)  # clear errors first
+    load_config(name, **({"trust_remote_code": kw["trust_remote_code"]} if "trust_remote_code" in kw else {}))  # clear errors first
     from transformers import AutoModelForCausalLM
 
     p = Path(name).expanduser()
@@ -105,3 +105,47 @@ def load_model(name: str, **kw: Any):
         return AutoModelForCausalLM.from_pretrained(str(p) if p.exists() else name, **_hub_kwargs(name, kw))
     except Exception as e:
         raise _hub_error("model", name, e) from None
+
+
+# ---- a saved checkpoint as one local folder (diagnose) -------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+_SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "pytorch_model*.bin", "*.model", "*.txt", "*.py", "*.tiktoken"]
+
+
+def resolve_checkpoint(name: str) -> Path:
+    """The local folder of a saved model: the folder itself, or the Hub snapshot of a repo id
+    (downloaded to the HF cache; offline: the cache only). Raises UserError with one line."""
+    _check_name("model", name)
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"model folder {name} has no config.json; pass the folder of a saved model (save_pretrained)")
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(name, allow_patterns=_SNAPSHOT_PATTERNS, **_hub_kwargs(name, {})))
+    except Exception as e:
+        raise _hub_error("model", name, e) from None
+    if not (folder / "config.json").is_file():
+        raise UserError(f"Hub repository {name} has no config.json; pass a repository of a transformers model")
+    return folder
+
+
+def load_checkpoint_tokenizer(folder: str | os.PathLike, *, shown_as: str | None = None, **kw: Any):
+    """The tokenizer saved beside a model. A folder without tokenizer files is an error here
+    (AutoTokenizer would quietly build an empty tokenizer from config.json alone)."""
+    p = Path(folder)
+    shown = shown_as or str(folder)
+    if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{shown} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save the tokenizer "
+                        "beside the model (tokenizer.save_pretrained) or pass --tokenizer DIR_OR_ID")
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(p) if p.exists() else str(folder), **_hub_kwargs(str(folder), kw))
+    except UserError:
+        raise
+    except Exception as e:
+        raise _hub_error("tokenizer", shown, e) from None

@@ -42,7 +42,10 @@ def pad_mask(batch: Batch, tok: TokenizerInfo | None) -> torch.Tensor:
     - With a pad id: the trailing run of pad ids (right padding) and the leading run (left
       padding). Where pad == eos, the first id of a trailing run is the row's real EOS unless
       the attention mask says it is padding.
-    - Without a pad id: the zeros of attention_mask that sit in a run at either end of the row.
+    - Without a pad id (or where a row's edge holds no pad id: the collator padded with another
+      id): the zeros of attention_mask in a run at either end of the row, when that run holds a
+      single repeated id (the collator's filler). A zero run of varied ids is real text hidden by
+      the mask (a loss mask passed as attention_mask), not padding.
     """
     ids = batch.input_ids
     am = batch.attention_mask
@@ -62,20 +65,34 @@ def pad_mask(batch: Batch, tok: TokenizerInfo | None) -> torch.Tensor:
                 if tok.pad_is_eos and (am is None or am[b, first] != 0):
                     first += 1  # position rule: the first EOS after the text is real
                 out[b, first:] = True
+            elif am is not None:
+                n_tail = _filler_run(ids[b], am[b], from_end=True)
+                out[b, T - n_tail:] = n_tail > 0
             if n_head:
                 head = torch.ones(n_head, dtype=torch.bool)
                 if am is not None:
                     head = am[b, :n_head] == 0  # a leading pad id that is attended is BOS-like
                 out[b, :n_head] = head
+            elif am is not None and n_tail < T:
+                out[b, :_filler_run(ids[b], am[b], from_end=False)] = True
         elif am is not None:
-            zeros = am[b] == 0
-            n_tail = _edge_run(am[b], zeros, from_end=True)
-            n_head = _edge_run(am[b], zeros, from_end=False) if n_tail < T else 0
+            n_tail = _filler_run(ids[b], am[b], from_end=True)
+            n_head = _filler_run(ids[b], am[b], from_end=False) if n_tail < T else 0
             if n_tail:
                 out[b, T - n_tail:] = True
             if n_head:
                 out[b, :n_head] = True
     return out
+
+
+def _filler_run(ids: torch.Tensor, am: torch.Tensor, from_end: bool) -> int:
+    """Length of the attention_mask-zero run at one end of a row when it holds one repeated id
+    (padding by a collator's filler id); 0 when the run holds varied ids (hidden real text)."""
+    n = _edge_run(am, am == 0, from_end)
+    if n == 0:
+        return 0
+    run = ids[-n:] if from_end else ids[:n]
+    return n if bool((run == run[0]).all()) else 0
 
 
 def classify(batch: Batch, tok: TokenizerInfo | None) -> torch.Tensor:

@@ -37,7 +37,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.script or args.module:
         from ..intercept import inspect_script  # the script runner shared with `watch`
 
-        report = inspect_script(args.script, args.script_args, module=args.module, ignore=ignore, max_length=args.max_length)
+        script, script_args = args.script, list(args.script_args)
+        if args.module and script:  # `-m pkg a b`: argparse took `a` for the script
+            script, script_args = None, [script, *script_args]
+        report = inspect_script(script, script_args, module=args.module, ignore=ignore, max_length=args.max_length)
     else:
         raise UserError("nothing to inspect: pass a training script (sftdoctor inspect-batch train.py) or --batch FILE --tokenizer DIR")
     return finish(report, args)

@@ -1,0 +1,161 @@
+"""Small vectorised helpers shared by the batch probes (not a probe: the registry never lists it).
+
+Conventions they rely on: labels follow the HF convention (labels[t] is the target for
+input_ids[t] before the model's internal shift; IGNORE_INDEX = -100 means no loss) and padding
+is found by position in sftdoctor.tokens (the PAD token class).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from sftdoctor.context import IGNORE_INDEX
+from sftdoctor.tokens import TokenClass
+
+MAX_LISTED = 32  # rows / positions listed in evidence; counts always cover everything
+
+
+def real_mask(ctx) -> torch.Tensor:
+    """[B, T] bool: positions that are not padding."""
+    return ctx.token_classes != int(TokenClass.PAD)
+
+
+def supervised_mask(ctx) -> torch.Tensor:
+    """[B, T] bool: real (non-pad) positions whose label carries loss."""
+    return (ctx.batch.labels != IGNORE_INDEX) & real_mask(ctx)
+
+
+def id_mask(ids: torch.Tensor, wanted: Iterable[int]) -> torch.Tensor:
+    """[B, T] bool: positions whose id is one of `wanted`."""
+    wanted = sorted({int(i) for i in wanted})
+    if not wanted:
+        return torch.zeros(ids.shape, dtype=torch.bool)
+    return torch.isin(ids, torch.tensor(wanted, dtype=ids.dtype))
+
+
+def first_index(mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of the first True per row, -1 where a row has none."""
+    T = mask.shape[1]
+    idx = torch.where(mask, torch.arange(T), torch.full_like(mask, T, dtype=torch.long)).min(dim=1).values
+    return torch.where(idx == T, torch.full_like(idx, -1), idx)
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of the last True per row, -1 where a row has none."""
+    T = mask.shape[1]
+    return torch.where(mask, torch.arange(T), torch.full_like(mask, -1, dtype=torch.long)).max(dim=1).values
+
+
+def rows_of(row_mask: torch.Tensor) -> list[int]:
+    """Row indices where row_mask [B] is True (capped at MAX_LISTED)."""
+    return [int(r) for r in row_mask.nonzero().flatten()[:MAX_LISTED].tolist()]
+
+
+def token_ref(tok, token_id: int | None) -> dict:
+    """{"id", "text"} for evidence; text is '' without a decoder."""
+    if token_id is None:
+        return {"id": None, "text": ""}
+    return {"id": int(token_id), "text": tok.token_text(int(token_id)) if tok is not None else ""}
+
+
+def find_sequence(ids: torch.Tensor, pattern: list[int]) -> torch.Tensor:
+    """[B, T] bool: True at each position where `pattern` starts (vectorised with unfold)."""
+    B, T = ids.shape
+    L = len(pattern)
+    out = torch.zeros(B, T, dtype=torch.bool)
+    if L == 0 or L > T:
+        return out
+    windows = ids.unfold(1, L, 1)  # [B, T-L+1, L]
+    out[:, : T - L + 1] = (windows == torch.tensor(pattern, dtype=ids.dtype)).all(dim=-1)
+    return out
+
+
+def turn_end_ids(tok) -> set[int]:
+    """EOS-like ids the chat template writes after every turn (<|im_end|>, <|eot_id|>, <|end|>):
+    inside a row they end a turn, not a document."""
+    if tok is None or not tok.chat_template:
+        return set()
+    return {i for i in tok.eos_ids if (text := tok.token_text(i)) and text in tok.chat_template}
+
+
+def chat_row_mask(ctx) -> torch.Tensor:
+    """[B] bool: rows that hold a special token other than bos/eos/pad (role markers: a chat row)."""
+    tok = ctx.tokenizer
+    ids = ctx.batch.input_ids
+    if tok is None:
+        return torch.zeros(ids.shape[0], dtype=torch.bool)
+    markers = set(tok.special_ids) - set(tok.eos_ids) - {tok.bos_id, tok.pad_id}
+    return (id_mask(ids, markers) & real_mask(ctx)).any(dim=1)
+
+
+def document_starts(ctx) -> torch.Tensor:
+    """[B, T] bool: real positions (after a row's first real token) where a new document starts.
+
+    A boundary is: a BOS inside the row; a token right after a document-end id (eos ids that the
+    chat template does not use as turn ends, e.g. <|endoftext|>, <|end_of_text|>); in rows with no
+    role markers, a token right after any eos id; in chat rows, a repeat of the row's opening
+    (up to 8 tokens before its first turn end, e.g. the same system prompt) within 2 tokens after
+    a turn end. A multi-turn conversation therefore stays one document.
+    """
+    ids, tok = ctx.batch.input_ids, ctx.tokenizer
+    B, T = ids.shape
+    real = real_mask(ctx)
+    starts = torch.zeros(B, T, dtype=torch.bool)
+    if tok is None or T < 2:
+        return starts
+    first_real = first_index(real)
+    after_first = torch.arange(T).unsqueeze(0) > first_real.unsqueeze(1)
+    turn_ends = turn_end_ids(tok)
+    doc_ends = set(tok.eos_ids) - turn_ends
+    chat = chat_row_mask(ctx)
+    if tok.bos_id is not None and tok.bos_id not in tok.eos_ids:
+        bos = ids == tok.bos_id
+        starts[:, 1:] |= bos[:, 1:] & ~bos[:, :-1]  # a doubled BOS is one start (bos-duplicated's finding)
+    prev_end = torch.zeros(B, T, dtype=torch.bool)
+    prev_end[:, 1:] = id_mask(ids[:, :-1], doc_ends) & real[:, :-1]
+    starts |= prev_end
+    prev_turn = torch.zeros(B, T, dtype=torch.bool)
+    prev_turn[:, 1:] = id_mask(ids[:, :-1], turn_ends) & real[:, :-1]
+    starts |= prev_turn & ~chat.unsqueeze(1)
+    if turn_ends and bool(chat.any()):
+        turn_end_here = id_mask(ids, turn_ends) & real
+        near_turn_end = torch.zeros(B, T, dtype=torch.bool)
+        near_turn_end[:, 1:] |= turn_end_here[:, :-1]
+        near_turn_end[:, 2:] |= turn_end_here[:, :-2]
+        first_turn_end = first_index(turn_end_here)
+        for b in chat.nonzero().flatten().tolist():
+            f, e = int(first_real[b]), int(first_turn_end[b])
+            if f < 0 or e <= f:
+                continue
+            opening = ids[b, f:min(e, f + 8)].tolist()
+            if len(opening) < 3:
+                continue
+            starts[b] |= find_sequence(ids[b:b + 1], opening)[0] & near_turn_end[b]
+    return starts & real & after_first
+
+
+def length_limit(ctx) -> int | None:
+    """The max_length rows were cut to, when the recipe says (hints max_length / model_max_length)."""
+    for key in ("max_length", "model_max_length"):
+        v = ctx.hints.get(key)
+        if isinstance(v, int) and 0 < v < 1_000_000:
+            return v
+    return None
+
+
+def rows_at_limit(ctx) -> torch.Tensor:
+    """[B] bool: rows that reach the length limit, so truncation may have cut them.
+
+    With a known max_length: rows with at least that many real tokens. Without one: rows that fill
+    the whole width with no padding while other rows are padded (with dynamic padding the longest
+    row also does, so this only marks candidates; callers also require a missing EOS/answer)."""
+    real = real_mask(ctx)
+    lengths = real.sum(dim=1)
+    limit = length_limit(ctx)
+    if limit is not None:
+        return lengths >= limit
+    full = lengths == real.shape[1]
+    if bool(full.all()) or not bool(full.any()):
+        return torch.zeros_like(full)
+    return full

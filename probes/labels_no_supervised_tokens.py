@@ -1,0 +1,43 @@
+"""Rows (or a whole micro-batch) with no supervised token: mean cross-entropy over zero targets
+is 0/0 = NaN, or a fake 0.0 where a trainer clamps it."""
+from __future__ import annotations
+
+from sftdoctor.context import IGNORE_INDEX
+from sftdoctor.findings import Finding
+
+from ._common import real_mask, rows_of
+
+id = "labels-no-supervised-tokens"
+level = "batch"
+summary = "rows or a whole micro-batch with zero supervised tokens (NaN or a fake 0.0 loss)"
+needs = ("labels",)
+
+
+def check(ctx) -> list[Finding]:
+    b = ctx.batch
+    # Any label other than -100 carries loss (even on padding): that is what keeps the mean finite.
+    per_row = (b.labels != IGNORE_INDEX).sum(dim=1)
+    empty = per_row == 0
+    n_empty, n_rows = int(empty.sum()), int(empty.numel())
+    if n_empty == 0:
+        return []
+    whole = n_empty == n_rows
+    no_text = empty & ~real_mask(ctx).any(dim=1)  # rows that are all padding
+    # Severity: a whole micro-batch gives loss = NaN (or a clamped 0.0) for this step: fail.
+    # Some rows only dilute the batch: warn.
+    return [Finding(
+        id=id, severity="fail" if whole else "warn", level=level,
+        message=(f"no supervised token in the whole batch ({n_rows} rows): the loss is 0/0 = NaN or a fake 0.0"
+                 if whole else
+                 f"{n_empty} of {n_rows} rows have no supervised token (all labels -100)"),
+        evidence={
+            "rows": rows_of(empty),
+            "empty_rows": n_empty,
+            "share_of_rows": round(n_empty / n_rows, 4),
+            "rows_all_padding": int(no_text.sum()),
+            "supervised_tokens": int(per_row.sum()),
+        },
+        fix=("check the response marker/template used for completion-only masking actually matches the tokenized "
+             "rows, raise max_length or truncate the prompt instead of the answer, and drop rows with no "
+             "supervised token before batching"),
+    )]

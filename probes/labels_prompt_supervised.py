@@ -1,0 +1,147 @@
+"""Completion-only SFT supervises the answer, not the prompt. Supervised prompt tokens spend the
+loss on the question (weaker fine-tune, models that echo prompts).
+
+The prompt/response boundary comes from hints["prompt_lengths"] when an adapter knows it;
+otherwise from a response marker found in the row (the chat template's assistant header,
+hints["response_template"], or a text marker such as "Answer:" / "### Response:"); otherwise,
+rows whose labels copy every input id are reported as "no completion-only masking"."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sftdoctor.findings import Finding
+
+from ._common import find_sequence, first_index, real_mask, rows_of, supervised_mask
+
+id = "labels-prompt-supervised"
+level = "batch"
+summary = "prompt tokens are supervised (completion-only loss not applied)"
+needs = ("labels",)
+
+TEXT_MARKERS = ("### Response:", "### Answer:", "### Assistant:", "Answer:", "Response:", "Assistant:")
+MIN_SHARE = 0.05  # supervised share of the prompt region below this is noise (e.g. one header token)
+
+
+def _encodings(tok, text: str) -> list[list[int]]:
+    """Token sequences `text` may take inside a row: alone, after a space, after a newline."""
+    out = []
+    try:
+        out.append(tok.encode(text))
+        out.append(tok.encode(" " + text))
+        nl = tok.encode("\n")
+        with_nl = tok.encode("\n" + text)
+        if with_nl[: len(nl)] == nl:
+            out.append(with_nl[len(nl):])
+    except Exception:
+        return []
+    return [list(s) for s in out if s]
+
+
+def _template_header(tok) -> str | None:
+    """The assistant header the chat template writes before an answer (its generation prompt)."""
+    if not tok.chat_template or tok.apply_chat_template is None:
+        return None
+    try:
+        msgs = [{"role": "user", "content": "x"}]
+        with_prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        without = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+    except Exception:
+        return None
+    if not isinstance(with_prompt, str) or not isinstance(without, str):
+        return None
+    # Some templates close the conversation differently without a generation prompt (Phi-3 writes
+    # eos): the header is what follows the common prefix.
+    common = os.path.commonprefix([with_prompt, without])
+    if common != without:  # back off to a token boundary ('<|' of <|endoftext|> vs <|assistant|>)
+        common = common[: max(common.rfind("\n"), common.rfind(">")) + 1]
+    header = with_prompt[len(common):].strip()
+    return header or None
+
+
+def markers(ctx) -> list[tuple[str, list[int]]]:
+    tok = ctx.tokenizer
+    if tok is None or tok.encode is None:
+        return []
+    texts = []
+    given = ctx.hints.get("response_template")
+    if isinstance(given, (list, tuple)) and all(isinstance(i, int) for i in given):
+        return [(str(given), list(given))]
+    if isinstance(given, str):
+        texts.append(given)
+    header = _template_header(tok)
+    if header:
+        texts.append(header)
+    texts.extend(TEXT_MARKERS)
+    return [(t, seq) for t in texts for seq in _encodings(tok, t)]
+
+
+def _prompt_region(ctx, real, first_real) -> tuple[torch.Tensor, str, str | None]:
+    """[B, T] bool prompt positions (after each row's first token), the method, the marker text."""
+    B, T = real.shape
+    pos = torch.arange(T).unsqueeze(0)
+    lengths = ctx.hints.get("prompt_lengths")
+    if lengths is not None and len(lengths) == B:
+        end = first_real.clamp(min=0) + torch.as_tensor(list(lengths), dtype=torch.long)
+        return pos < end.unsqueeze(1), "prompt_lengths hint", None
+    # the earliest marker occurrence per row ends its prompt (earliest: never counts answer text as prompt)
+    ends = torch.full((B,), -1, dtype=torch.long)
+    found_text = None
+    for text, seq in markers(ctx):
+        start = first_index(find_sequence(ctx.batch.input_ids, seq) & real)
+        hit = start >= 0
+        better = hit & ((ends < 0) | (start + len(seq) < ends))
+        if bool(better.any()) and found_text is None:
+            found_text = text
+        ends = torch.where(better, start + len(seq), ends)
+    return pos < ends.unsqueeze(1), "response marker", found_text
+
+
+def check(ctx) -> list[Finding]:
+    b = ctx.batch
+    real = real_mask(ctx)
+    sup = supervised_mask(ctx)
+    first_real = first_index(real)
+    T = real.shape[1]
+    # labels[first token] never carries loss under the HF shift: leave it out of every count
+    body = real & (torch.arange(T).unsqueeze(0) > first_real.unsqueeze(1))
+    has_sup = (sup & body).any(dim=1)
+    if not bool(has_sup.any()):
+        return []
+    region, method, marker = _prompt_region(ctx, real, first_real)
+    region &= body
+    prompt_sup = sup & region
+    n_prompt_sup, n_region = int(prompt_sup.sum()), int(region.sum())
+    n_sup = int((sup & body).sum())
+    fully_supervised = has_sup & ~(body & ~sup).any(dim=1)
+    evidence = {"method": method, "marker": marker}
+    if n_region and n_prompt_sup >= 2 and n_prompt_sup / n_region >= MIN_SHARE:
+        rows = prompt_sup.any(dim=1)
+        evidence.update({
+            "prompt_supervised_tokens": n_prompt_sup,
+            "prompt_tokens": n_region,
+            "share_of_supervised": round(n_prompt_sup / max(n_sup, 1), 4),
+            "share_of_prompt": round(n_prompt_sup / n_region, 4),
+            "rows": rows_of(rows),
+        })
+        message = (f"{n_prompt_sup} of {n_region} prompt tokens are supervised ({n_prompt_sup / max(n_sup, 1):.0%} of "
+                   f"all supervised tokens), prompt end found by {method}" + (f" {marker!r}" if marker else ""))
+    elif method == "response marker" and marker is None and bool(fully_supervised[has_sup].all()):
+        evidence.update({
+            "rows_fully_supervised": int(fully_supervised.sum()),
+            "share_of_rows": round(int(fully_supervised.sum()) / int(has_sup.sum()), 4),
+            "rows": rows_of(fully_supervised),
+        })
+        message = ("every real token of every row is supervised (labels copy input_ids): no completion-only masking; "
+                   "if these rows have a prompt it is trained on")
+    else:
+        return []
+    on_purpose = bool(ctx.hints.get("prompt_supervised_on_purpose"))
+    return [Finding(
+        id=id, severity="info" if on_purpose else "warn", level=level,
+        message=message + (" (on purpose, per the recipe)" if on_purpose else ""),
+        evidence=evidence,
+        fix=("set labels to -100 on the prompt: keep the prompt length per example and mask labels[:prompt_len], or "
+             "use TRL SFTConfig(completion_only_loss=True) / assistant_only_loss=True for chat data"),
+    )]

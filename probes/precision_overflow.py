@@ -1,0 +1,44 @@
+"""A forward activation or a backward gradient reaches inf/NaN in fp16/bf16: names the module,
+the phase and the dtype limit it went past."""
+from __future__ import annotations
+
+from sftdoctor.findings import Finding
+from sftdoctor.stepstats import LOW_PRECISION
+
+id = "precision-overflow"
+level = "step"
+summary = "a forward activation or backward gradient overflows fp16/bf16 (module, phase, dtype limit)"
+needs = ("step", "forward_stats")
+
+
+def check(ctx) -> list[Finding]:
+    r = ctx.step
+    hit = None
+    for phase in ("forward", "backward"):
+        if phase == "backward" and r.scaler_active:
+            break  # a GradScaler expects and handles backward infs: loss-scale-skipped-steps reports those
+        prev = None
+        for row in r.activations:
+            if row["phase"] != phase:
+                continue
+            if not row["finite"]:
+                if row["dtype"] in LOW_PRECISION:
+                    hit = (row, prev)
+                break  # only the first non-finite one in this phase is a cause; the rest inherit it
+            prev = row
+        if hit:
+            break
+    if hit is None:
+        return []
+    row, prev = hit
+    return [Finding(
+        id=id, severity="fail", level=level,
+        message=(f"{row['phase']} output of {row['module']} is non-finite in {row['dtype']} "
+                 f"(limit {row['limit']:g})" + (f"; the step before peaked at {prev['max_abs']:.3g}" if prev else "")),
+        evidence={"step": r.step, "module": row["module"], "phase": row["phase"], "value": row["max_abs"],
+                  "dtype": row["dtype"], "limit": row["limit"],
+                  "previous_module": prev["module"] if prev else None,
+                  "previous_max_abs": prev["max_abs"] if prev else None},
+        fix=("train in bf16 (or fp32) instead of fp16, or keep this module in fp32; a bf16-pretrained model "
+             "(config dtype bfloat16) is not safe in fp16"),
+    )]

@@ -1,0 +1,79 @@
+"""Rows cut at max_length lose the end of their answer: no EOS to learn to stop, and for GSM8K
+no `#### N` line to learn the final answer format."""
+from __future__ import annotations
+
+import torch
+
+from sftdoctor.findings import Finding
+
+from ._common import id_mask, length_limit, rows_at_limit, rows_of, supervised_mask
+
+id = "truncation-answer-lost"
+level = "batch"
+summary = "rows cut at max_length lose their answer or EOS (GSM8K: the #### line)"
+needs = ("labels", "tokenizer")
+
+ANSWER_MARKER = "####"  # GSM8K's final-answer line; override with hints["answer_marker"]
+FAIL_SHARE = 0.1  # at least this share of the batch's rows lost their answer: fail, else warn
+
+
+def _supervised_texts(ctx, sup) -> list[str] | None:
+    tok = ctx.tokenizer
+    if tok.decode is None:
+        return None
+    ids = ctx.batch.input_ids
+    return [tok.decode(ids[r][sup[r]].tolist()) if bool(sup[r].any()) else "" for r in range(ids.shape[0])]
+
+
+def check(ctx) -> list[Finding]:
+    b, tok = ctx.batch, ctx.tokenizer
+    at_limit = rows_at_limit(ctx)
+    if not bool(at_limit.any()):
+        return []
+    sup = supervised_mask(ctx)
+    eos_missing = ~(sup & id_mask(b.input_ids, tok.eos_ids)).any(dim=1) if tok.eos_ids else None
+    marker = ctx.hints.get("answer_marker") or ANSWER_MARKER
+    marker_missing = None
+    texts = _supervised_texts(ctx, sup)
+    if texts is not None and any(marker in t for t in texts):  # the data has a final-answer line
+
+        marker_missing = torch.tensor([marker not in t for t in texts])
+    lost = at_limit & sup.any(dim=1)
+    reason = None
+    if eos_missing is not None and marker_missing is not None:
+        reason = eos_missing | marker_missing
+    else:
+        reason = eos_missing if eos_missing is not None else marker_missing
+    if reason is None:
+        return []
+    lost &= reason
+    if length_limit(ctx) is None and bool((reason & ~at_limit & sup.any(dim=1)).any()):
+        # Without a known max_length, full-width rows are only suspects: when padded rows lack the
+        # EOS/answer too, the cause is not truncation (labels-eos-missing says what it is).
+        return []
+    n_lost, n_rows = int(lost.sum()), b.input_ids.shape[0]
+    if n_lost == 0:
+        return []
+    limit = length_limit(ctx)
+    severity = "fail" if n_lost / n_rows >= FAIL_SHARE else "warn"
+    width = limit if limit is not None else b.input_ids.shape[1]
+    return [Finding(
+        id=id, severity=severity, level=level,
+        message=(f"{n_lost} of {n_rows} rows reach the length limit ({width} tokens) and lost the end of their answer"
+                 + (f" (no supervised EOS in {int((lost & eos_missing).sum())})" if eos_missing is not None else "")
+                 + (f" (no {marker!r} line in {int((lost & marker_missing).sum())})" if marker_missing is not None else "")),
+        evidence={
+            "max_length": limit,
+            "max_length_source": "hint" if limit is not None else "batch width (rows with no padding)",
+            "rows_at_limit": int(at_limit.sum()),
+            "share_at_limit": round(int(at_limit.sum()) / n_rows, 4),
+            "rows_answer_lost": n_lost,
+            "share_answer_lost": round(n_lost / n_rows, 4),
+            "rows": rows_of(lost),
+            "rows_without_eos": int((lost & eos_missing).sum()) if eos_missing is not None else None,
+            "answer_marker": marker if marker_missing is not None else None,
+            "rows_without_answer_marker": int((lost & marker_missing).sum()) if marker_missing is not None else None,
+        },
+        fix=("raise max_length above the longest rows (check length percentiles), or truncate the prompt from the "
+             "left and keep the answer whole (e.g. TRL truncation_mode='keep_end'), or drop rows that do not fit"),
+    )]

@@ -1,0 +1,677 @@
+"""`sftdoctor.attach(model_or_trainer)`: step probes on a REAL training loop.
+
+    doctor = sftdoctor.attach(model, tokenizer)        # or attach(trainer)
+    for batch in loader:
+        loss = my_loss(model(**batch).logits, batch)    # any loss, labels passed or not
+        loss.backward(); opt.step(); opt.zero_grad()
+    doctor.report().save("run.json"); doctor.detach()
+
+A micro-step is one forward of the attached module with grad enabled. It is observed from the
+root forward pre-hook (batch, sampling decision) to the end of the backward (the wrapped
+torch.Tensor.backward returns), then reduced with ONE host transfer, probed, and handed to the
+callbacks. Callbacks run only at safe points (end of .backward(), start of the next forward,
+optimizer step hooks, report(), detach()), never inside an autograd hook, so whatever they raise
+reaches the user's script.
+"""
+from __future__ import annotations
+
+import math
+import traceback
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from . import hooks
+from .context import IGNORE_INDEX, Batch, ModelInfo, ProbeContext, TokenizerInfo
+from .engine import run_probes
+from .errors import UserError
+from .findings import Finding
+from .report import Report
+from .stepstats import (FP16_MAX, HEADROOM_FACTOR, OptimizerStep, RunHistory, StepRecord, analyze_tokens,
+                        candidate_targets, dtype_limit, dtype_name, logits_forward_stats, logits_grad_stats, to_host)
+
+NUMERICAL_IDS = {"loss-nonfinite", "logits-nonfinite", "precision-overflow", "precision-headroom",
+                 "precision-fp16-unsafe", "grad-nonfinite", "loss-scale-skipped-steps", "loss-divergence"}
+
+
+@dataclass
+class _Pending:
+    """A micro-step between its forward and the end of its backward (device tensors only)."""
+
+    step: int
+    full: bool
+    batch: Batch | None = None  # CPU copy of the batch (full steps only)
+    device_ids: torch.Tensor | None = None  # only until the forward ends
+    device_labels: torch.Tensor | None = None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # 0-d device tensors
+    fwd: dict[str, torch.Tensor] = field(default_factory=dict)
+    grad: dict[str, torch.Tensor] = field(default_factory=dict)
+    logits_ref: Any = None  # weakref: never keeps the logits alive
+    logits_dtype: str | None = None
+    logits_requires_grad: bool | None = None
+    logits_grad_seen: bool = False
+    backward_seen: bool = False
+    forward_done: bool = False
+    autocast_dtype: str | None = None
+
+
+class Doctor:
+    """Hooks attached to one model. See attach()."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, optimizer: Any = None, every: int = 50,
+                 full_steps: int = 3, ignore: Iterable[str] = (), on_finding: Callable | None = None,
+                 on_step: Callable | None = None, command: str = "attach", rank: int | None = None):
+        from .api import environment
+
+        self.model = model
+        self.tokenizer = (tokenizer if isinstance(tokenizer, TokenizerInfo) or tokenizer is None
+                          else TokenizerInfo.from_tokenizer(tokenizer))
+        self.model_info = ModelInfo.from_model(model) if hasattr(model, "config") else None
+        self.every = int(every)
+        self.full_steps = int(full_steps)
+        self.ignore = set(ignore)
+        self.on_finding = on_finding
+        self.on_step = on_step
+        if rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank = torch.distributed.get_rank()
+        self.rank = rank
+        self.records: list[dict[str, Any]] = []  # report.metrics["steps"] rows, one per micro-step
+        self.optimizer_steps = 0  # optimizer step attempts (GradScaler-skipped ones included)
+        self.history = RunHistory()
+        self.errors: list[str] = []  # internal errors of sftdoctor itself (never raised into training)
+        self._report = Report(command=command, environment=environment())
+        self._named_params = list(model.named_parameters())
+        self._param_ids = {id(p) for _, p in self._named_params}
+        self._opt_ref = weakref.ref(optimizer) if optimizer is not None else None
+        self._micro = 0
+        self._pending: _Pending | None = None
+        self._in_forward = False
+        self._seen_optimizer = False
+        self._forced_until = -1
+        self._current_micro: list[int] = []
+        self._opt_fired = False
+        self._scaled_ref = None
+        self._scale_t: torch.Tensor | None = None
+        self._scaler_ref = None
+        self._latest_full: StepRecord | None = None
+        self._latest_samples: dict[str, Any] | None = None
+        self._trainer = None
+        self._callback = None
+        self._detached = False
+        self._collector = hooks.ActivationCollector(model)
+        self._handles = [
+            model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
+            model.register_forward_hook(self._on_forward_end, with_kwargs=True),
+        ]
+        hooks.register(self)
+
+    # ---- public API ---------------------------------------------------------------------------
+    def report(self) -> Report:
+        """Run the run-level probes, fill the metrics and return the Report (callable many times)."""
+        if self._pending is not None and (self._pending.backward_seen or self._pending.logits_grad_seen):
+            self._finalize_pending()
+        new = self._run_run_probes()
+        self._fill_metrics()
+        self._notify(new)
+        return self._report
+
+    def detach(self) -> None:
+        """Remove every hook and patch (idempotent). A step still pending is observed first."""
+        if self._detached:
+            return
+        try:
+            if self._pending is not None and self._pending.forward_done:
+                self._finalize_pending()
+        finally:
+            self._detached = True
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+            self._collector.remove()
+            hooks.unregister(self)
+            if self._trainer is not None and self._callback is not None:
+                try:
+                    self._trainer.remove_callback(self._callback)
+                except Exception:
+                    pass
+            self._pending = None
+
+    def __enter__(self) -> "Doctor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    @property
+    def findings(self) -> list[Finding]:
+        return list(self._report.findings)
+
+    # ---- sampling -----------------------------------------------------------------------------
+    def _key(self) -> int:
+        return self.optimizer_steps if self._seen_optimizer else self._micro
+
+    def _should_be_full(self) -> bool:
+        k = self._key()
+        return k < self.full_steps or (self.every > 0 and k % self.every == 0) or k <= self._forced_until
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _on_forward_start(self, module, args, kwargs):
+        if self._detached or self._in_forward or not torch.is_grad_enabled():
+            return None
+        if self._pending is not None:
+            self._finalize_pending()  # safe point: the previous micro-step is complete
+        full = self._should_be_full()
+        pend = _Pending(step=self._micro, full=full)
+        self._micro += 1
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            ids = args[0]
+        labels = kwargs.get("labels")
+        am = kwargs.get("attention_mask")
+        if not isinstance(labels, torch.Tensor) or ids is None or labels.shape != ids.shape:
+            labels = None
+        if labels is not None:
+            # cheap every step: supervised tokens as HF counts them (labels[t + 1] != -100)
+            pend.tensors["supervised"] = (labels[:, 1:] != IGNORE_INDEX).sum()
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            pend.device_ids, pend.device_labels = ids, labels
+            if full:
+                pend.batch = Batch(
+                    input_ids=ids.detach().cpu().long(),
+                    attention_mask=am.detach().cpu().long() if isinstance(am, torch.Tensor) and am.shape == ids.shape else None,
+                    labels=labels.detach().cpu().long() if labels is not None else None,
+                    labels_source="labels" if labels is not None else "none")
+        dev = ids.device.type if isinstance(ids, torch.Tensor) else "cpu"
+        try:
+            if torch.is_autocast_enabled(dev):
+                pend.autocast_dtype = dtype_name(torch.get_autocast_dtype(dev))
+        except Exception:
+            pass
+        self._pending = pend
+        self._in_forward = True
+        self._collector.forward_on = full
+        self._collector.backward_on = full
+        return None
+
+    def _on_forward_end(self, module, args, kwargs, output):
+        pend = self._pending
+        if not self._in_forward or pend is None:
+            return None
+        self._in_forward = False
+        self._collector.forward_on = False
+        pend.forward_done = True
+        try:
+            loss = getattr(output, "loss", None)
+            if loss is None and isinstance(output, dict):
+                loss = output.get("loss")
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                pend.tensors["model_loss"] = loss.detach().float().reshape(())
+            logits = hooks.logits_of(output)
+            if logits is not None:
+                pend.logits_dtype = dtype_name(logits.dtype)
+                pend.logits_requires_grad = bool(logits.requires_grad)
+                if pend.full:
+                    cands = None
+                    if pend.device_ids is not None and tuple(pend.device_ids.shape) == tuple(logits.shape[:2]):
+                        pad = self.tokenizer.pad_id if self.tokenizer is not None else None
+                        cands = candidate_targets(pend.device_ids, pend.device_labels, pad)
+                    pend.fwd = logits_forward_stats(logits, cands)
+                    pend.logits_ref = weakref.ref(logits)
+                if logits.requires_grad:
+                    logits.register_hook(self._logits_grad_hook(pend))
+        except Exception:
+            self._error()
+        pend.device_ids = pend.device_labels = None  # no reference to the batch beyond the forward
+        return None
+
+    def _logits_grad_hook(self, pend: _Pending) -> Callable:
+        def hook(grad):
+            # autograd hook: record only (no callbacks, nothing raised)
+            pend.logits_grad_seen = True
+            if pend.full and not pend.grad:
+                try:
+                    logits = pend.logits_ref() if pend.logits_ref is not None else None
+                    pend.grad = logits_grad_stats(grad, logits)
+                except Exception:
+                    self._error()
+            return None
+        return hook
+
+    # ---- backward (via the torch.Tensor.backward wrapper) --------------------------------------
+    def _before_backward(self, tensor: torch.Tensor) -> None:
+        pend = self._pending
+        if pend is None or not pend.forward_done or "backward_loss" in pend.tensors:
+            return
+        try:
+            if tensor.numel() == 1 and tensor.is_floating_point():
+                value = tensor.detach().float().reshape(())
+                scaled = self._scaled_ref() if self._scaled_ref is not None else None
+                if scaled is tensor and self._scale_t is not None:
+                    value = value / self._scale_t.to(value.device).float().reshape(())  # undo GradScaler.scale
+                pend.tensors["backward_loss"] = value
+        except Exception:
+            self._error()
+
+    def _after_backward(self, tensor: torch.Tensor) -> None:
+        pend = self._pending
+        if pend is None or not pend.forward_done:
+            return
+        pend.backward_seen = True
+        self._finalize_pending()
+
+    # ---- GradScaler (patched while attached) ----------------------------------------------------
+    def _on_scaler_scale(self, scaler, outputs, out) -> None:
+        try:
+            if not scaler.is_enabled() or not isinstance(out, torch.Tensor):
+                return
+            self.history.scaler_seen = True
+            self._scaler_ref = weakref.ref(scaler)
+            self._scaled_ref = weakref.ref(out)
+            self._scale_t = scaler._scale.detach().clone() if scaler._scale is not None else None
+            if self._pending is not None and self._scale_t is not None:
+                self._pending.tensors["scale"] = self._scale_t.float().reshape(())
+        except Exception:
+            self._error()
+
+    def _on_scaler_step_begin(self, scaler, optimizer) -> None:
+        self._opt_fired = False
+
+    def _on_scaler_step_end(self, scaler, optimizer) -> None:
+        if not scaler.is_enabled() or not self._is_ours(optimizer):
+            return
+        if not self._opt_fired:  # GradScaler found inf/NaN grads and skipped optimizer.step()
+            if self._pending is not None and self._pending.forward_done:
+                self._finalize_pending()
+            self._end_optimizer_step(optimizer, skipped=True)
+
+    def _on_scaler_update(self, scaler) -> None:
+        if not scaler.is_enabled() or (self._scaler_ref is not None and self._scaler_ref() is not scaler):
+            return
+        try:
+            scale = float(scaler.get_scale())
+        except Exception:
+            return
+        self.history.scales.append(scale)
+        if self.history.optimizer_steps and self.history.optimizer_steps[-1].scale_after is None:
+            self.history.optimizer_steps[-1].scale_after = scale
+
+    # ---- optimizer (global step hooks) ----------------------------------------------------------
+    def _is_ours(self, optimizer) -> bool:
+        if self._opt_ref is not None:
+            return self._opt_ref() is optimizer
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                if id(p) in self._param_ids:
+                    self._opt_ref = weakref.ref(optimizer)
+                    return True
+        return False
+
+    def _on_optimizer_pre(self, optimizer) -> None:
+        if not self._is_ours(optimizer):
+            return
+        self._opt_fired = True
+        if self._pending is not None and self._pending.forward_done:
+            self._finalize_pending()  # safe point; backward ran via torch.autograd.backward
+
+    def _on_optimizer_post(self, optimizer) -> None:
+        if self._is_ours(optimizer):
+            self._end_optimizer_step(optimizer, skipped=False)
+
+    def _end_optimizer_step(self, optimizer, *, skipped: bool) -> None:
+        lr = _lr(optimizer)
+        ostep = OptimizerStep(index=self.optimizer_steps, micro_steps=list(self._current_micro), skipped=skipped, lr=lr)
+        self.history.optimizer_steps.append(ostep)
+        if self._current_micro:
+            rec = self.history.record(self._current_micro[-1])
+            if rec is not None:
+                rec.optimizer_step = True
+                rec.lr = lr
+            for row in reversed(self.records):
+                if row["step"] == self._current_micro[-1]:
+                    row["optimizer_step"], row["lr"] = True, lr
+                    break
+        self._current_micro = []
+        self.optimizer_steps += 1
+        self._seen_optimizer = True
+        self._notify(self._run_run_probes())
+
+    # ---- finalize one micro-step ----------------------------------------------------------------
+    def _finalize_pending(self) -> None:
+        pend, self._pending = self._pending, None
+        if pend is None:
+            return
+        self._in_forward = False
+        self._collector.forward_on = self._collector.backward_on = False
+        try:
+            record, extra = self._build_record(pend)
+        except Exception:
+            self._error()
+            self._collector.take()
+            return
+        self.history.records.append(record)
+        self._current_micro.append(record.step)
+        row = record.metrics_row()
+        self.records.append(row)
+        if record.full:
+            if self._latest_full is not None:
+                self._latest_full.activations = []  # keep per-module detail for the latest full step only
+            self._latest_full = record
+            if extra is not None:
+                self._latest_samples = extra
+        new = self._run_step_probes(record, pend)
+        new += self._run_run_probes()
+        self._notify(new)
+        if self.on_step is not None:
+            self.on_step(row)
+
+    def _build_record(self, pend: _Pending) -> tuple[StepRecord, dict | None]:
+        tensors = dict(pend.tensors)
+        fwd_acts, bwd_acts = self._collector.take()
+        if fwd_acts:
+            tensors["act_fwd"] = torch.stack([v.to(fwd_acts[0][2].device) for _, _, v in fwd_acts])
+        if bwd_acts:
+            tensors["act_bwd"] = torch.stack([v.to(bwd_acts[0][2].device) for _, _, v in bwd_acts])
+        backward_seen = pend.backward_seen or pend.logits_grad_seen
+        with_grad = [(n, p) for n, p in self._named_params if p.grad is not None] if backward_seen else []
+        if with_grad:
+            norms = torch._foreach_norm([p.grad for _, p in with_grad], 2, dtype=torch.float32)
+            dev = norms[0].device
+            tensors["param_norms"] = torch.stack([x.to(dev) for x in norms])
+        for k, v in pend.fwd.items():
+            tensors["fwd." + k] = v
+        for k, v in pend.grad.items():
+            tensors["grad." + k] = v
+        host = to_host(tensors)  # the one host sync of this step
+
+        rec = StepRecord(step=pend.step, optimizer_step_index=self.optimizer_steps, full=pend.full,
+                         backward_seen=backward_seen, scaler_active=self.history.scaler_seen,
+                         logits_requires_grad=pend.logits_requires_grad)
+        scale = float(host["scale"]) if "scale" in host else None
+        rec.loss_scale = scale
+        if "model_loss" in host:
+            rec.loss, rec.loss_source = float(host["model_loss"]), "model"
+        if "backward_loss" in host:
+            rec.backward_loss = float(host["backward_loss"])
+            if rec.loss is None:
+                rec.loss, rec.loss_source = rec.backward_loss, "backward"
+        if "supervised" in host:
+            rec.supervised_tokens, rec.supervised_source = int(host["supervised"]), "labels"
+
+        # parameters and their gradients (cheap: one foreach norm, every step)
+        trainable = [(n, p) for n, p in self._named_params if p.requires_grad]
+        if backward_seen:
+            norm_of = dict(zip((n for n, _ in with_grad), host["param_norms"].tolist())) if with_grad else {}
+            finite = [v for v in norm_of.values() if math.isfinite(v)]
+            total = math.sqrt(sum(v * v for v in finite)) if len(finite) == len(norm_of) else float("inf")
+            if any(math.isnan(v) for v in norm_of.values()):
+                total = float("nan")
+            rec.grad_norm = total / scale if scale else total
+            rec.nonfinite_grad_params = [n for n, v in norm_of.items() if not math.isfinite(v)]
+            nonzero = [(n, p) for n, p in trainable if norm_of.get(n, 0.0) != 0.0]
+            numel = sum(p.numel() for _, p in trainable)
+            rec.params = {
+                "trainable": len(trainable), "trainable_numel": numel,
+                "with_grad": sum(1 for n, _ in trainable if n in norm_of),
+                "nonzero_grad": len(nonzero), "nonzero_numel": sum(p.numel() for _, p in nonzero),
+                "nonzero_share": round(sum(p.numel() for _, p in nonzero) / numel, 4) if numel else 0.0,
+                "zero_grad_names": [n for n, _ in trainable if norm_of.get(n, 0.0) == 0.0][:20],
+            }
+        else:
+            rec.params = {"trainable": len(trainable), "trainable_numel": sum(p.numel() for _, p in trainable)}
+        opt = self._opt_ref() if self._opt_ref is not None else None
+        if opt is not None:
+            in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+            rec.params["missing_from_optimizer"] = [n for n, p in trainable if id(p) not in in_opt][:20]
+            rec.params["missing_from_optimizer_count"] = sum(1 for _, p in trainable if id(p) not in in_opt)
+            rec.lr = _lr(opt)
+        rec.dtypes = self._dtypes(pend, opt)
+
+        extra = None
+        if pend.full:
+            rec.activations = self._activation_rows(pend.step, fwd_acts, bwd_acts, host)
+            rec.fp16_forecast = _fp16_forecast(rec.activations, pend.step)
+            fwd = {k[4:]: v for k, v in host.items() if k.startswith("fwd.")}
+            grad = {k[5:]: v for k, v in host.items() if k.startswith("grad.")}
+            if pend.batch is not None and fwd and tuple(pend.batch.input_ids.shape) == tuple(fwd["lse"].shape):
+                a = analyze_tokens(fwd, grad, pend.batch, self.tokenizer)
+                rec.by_class = a["by_class"]
+                rec.logits = a.get("logits")
+                if rec.logits is not None:
+                    rec.logits["dtype"] = pend.logits_dtype
+                rec.argmax = a.get("argmax")
+                rec.targets = a.get("targets")
+                rec.token_weight = a.get("token_weight")
+                rec.grad_positions_nonfinite = a.get("grad_positions_nonfinite", 0)
+                if a.get("supervised_tokens") is not None:
+                    rec.supervised_tokens, rec.supervised_source = a["supervised_tokens"], "gradient"
+                extra = {"batch": pend.batch, "extra": a.get("sample_extra") or {}}
+        return rec, extra
+
+    def _activation_rows(self, step: int, fwd_acts, bwd_acts, host) -> list[dict[str, Any]]:
+        rows = []
+        for phase, acts, key in (("forward", fwd_acts, "act_fwd"), ("backward", bwd_acts, "act_bwd")):
+            if not acts:
+                continue
+            vals = host[key].tolist()
+            for (name, dt, _), v in zip(acts, vals):
+                rows.append({"module": name, "max_abs": v, "dtype": dtype_name(dt), "limit": dtype_limit(dt),
+                             "finite": math.isfinite(v), "phase": phase, "step": step})
+        return rows
+
+    def _dtypes(self, pend: _Pending, opt) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for _, p in self._named_params:
+            if p.requires_grad:
+                d["param"] = dtype_name(p.dtype)
+                break
+        if "param" not in d and self._named_params:
+            d["param"] = dtype_name(self._named_params[0][1].dtype)
+        d["config"] = self.model_info.config_dtype if self.model_info is not None else None
+        d["autocast"] = pend.autocast_dtype
+        d["logits"] = pend.logits_dtype
+        d["compute"] = pend.autocast_dtype or d.get("param")
+        if opt is not None:
+            zero_eps = []
+            for g in opt.param_groups:
+                eps = g.get("eps")
+                if isinstance(eps, (int, float)) and "betas" in g:
+                    fp16 = any(p.dtype == torch.float16 for p in g["params"])
+                    if fp16 and float(torch.tensor(eps, dtype=torch.float16)) == 0.0:
+                        zero_eps.append(eps)
+            d["optimizer"] = type(opt).__name__
+            d["adam_eps_fp16_zero"] = zero_eps
+        return d
+
+    # ---- probes ---------------------------------------------------------------------------------
+    def _context(self, record: StepRecord | None, batch: Batch | None, hints: dict) -> ProbeContext:
+        return ProbeContext(batch=batch, tokenizer=self.tokenizer, model=self.model_info, hints=hints,
+                            step=record, run=self.history, step_index=record.step if record else self._micro,
+                            rank=self.rank)
+
+    def _run_step_probes(self, record: StepRecord, pend: _Pending) -> list[Finding]:
+        from sftdoctor.probes import STEP
+
+        hints = {"forward_stats": bool(record.logits is not None or record.activations),
+                 "logits_grad": record.targets is not None, "backward": record.backward_seen}
+        ctx = self._context(record, pend.batch, hints)
+        try:
+            findings, checks = run_probes(ctx, STEP, ignore=self.ignore)
+        except Exception:
+            self._error()
+            return []
+        for f in findings:
+            f.evidence.setdefault("family", _family(f))
+        self._report.record_checks(checks)
+        return self._report.add(findings)
+
+    def _run_run_probes(self) -> list[Finding]:
+        from sftdoctor.probes import RUN
+
+        last = self.history.records[-1] if self.history.records else None
+        ctx = self._context(last, None, {})
+        try:
+            findings, checks = run_probes(ctx, RUN, ignore=self.ignore)
+        except Exception:
+            self._error()
+            return []
+        self.history.checked_records = len(self.history.records)
+        self.history.checked_optimizer_steps = len(self.history.optimizer_steps)
+        for f in findings:
+            f.evidence.setdefault("family", _family(f))
+        self._report.record_checks(checks)
+        return self._report.add(findings)
+
+    def _notify(self, new: list[Finding]) -> None:
+        if new:
+            # sample the next steps fully right after an anomaly
+            self._forced_until = max(self._forced_until, self._key() + 1)
+        if self.on_finding is not None:
+            for f in new:
+                self.on_finding(f)
+
+    # ---- report metrics ---------------------------------------------------------------------------
+    def _fill_metrics(self) -> None:
+        m = self._report.metrics
+        m["steps"] = list(self.records)
+        m["optimizer_steps"] = self.optimizer_steps
+        if self.history.scaler_seen:
+            m["loss_scale"] = {"scales": self.history.scales[-200:],
+                               "skipped": sum(1 for o in self.history.optimizer_steps if o.skipped)}
+        full = self._latest_full
+        if full is not None:
+            m["activations"] = _merge_activations(full.activations)
+            if full.fp16_forecast is not None:
+                m["fp16_forecast"] = full.fp16_forecast
+            if full.argmax is not None:
+                m["argmax_histogram"] = [{"token_id": h["token_id"], "text": h.get("text", ""), "share": h["share"]}
+                                         for h in full.argmax["histogram"]]
+            if full.targets is not None:
+                m["effective_targets"] = dict(full.targets, step=full.step)
+            m["dtypes"] = full.dtypes
+        if self._latest_samples is not None:
+            from .api import token_samples
+
+            ctx = ProbeContext(batch=self._latest_samples["batch"], tokenizer=self.tokenizer)
+            self._report.samples = token_samples(ctx, extra=self._latest_samples["extra"])
+        if self.errors:
+            m["internal_errors"] = self.errors[-5:]
+
+    def _error(self) -> None:
+        self.errors.append(traceback.format_exc(limit=3))
+
+
+def _lr(optimizer) -> float | None:
+    try:
+        lr = optimizer.param_groups[0].get("lr")
+        return float(lr) if lr is not None else None
+    except Exception:
+        return None
+
+
+def _family(f: Finding) -> str:
+    if f.id == "prediction-collapse":
+        return f.evidence.get("family", "learned")
+    return "numerical" if f.id in NUMERICAL_IDS else "learned"
+
+
+def _merge_activations(rows: list[dict]) -> list[dict]:
+    """One row per (module, phase): the max over calls (a module may run several times)."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["module"], r["phase"])
+        old = out.get(key)
+        if old is None:
+            out[key] = dict(r)
+        elif not (old["max_abs"] >= r["max_abs"]):  # NaN-aware: a NaN row wins
+            out[key] = dict(r)
+    return list(out.values())
+
+
+def _fp16_forecast(rows: list[dict], step: int) -> dict[str, Any] | None:
+    """From a forward in another dtype, which module outputs would not fit fp16 (max 65504)."""
+    fwd = [r for r in rows if r["phase"] == "forward" and math.isfinite(r["max_abs"])]
+    if not fwd:
+        return None
+    source = sorted({r["dtype"] for r in fwd})
+    overflow = [{"module": r["module"], "max_abs": r["max_abs"]} for r in fwd if r["max_abs"] > FP16_MAX]
+    headroom = [{"module": r["module"], "max_abs": r["max_abs"], "ratio": round(r["max_abs"] / FP16_MAX, 4)}
+                for r in fwd if FP16_MAX / HEADROOM_FACTOR < r["max_abs"] <= FP16_MAX]
+    top = max(fwd, key=lambda r: r["max_abs"])
+    return {
+        "step": step, "source_dtypes": source, "limit": FP16_MAX, "factor": HEADROOM_FACTOR,
+        "safe": not overflow and not headroom, "overflow": _dedupe(overflow)[:20], "headroom": _dedupe(headroom)[:20],
+        "max_module": top["module"], "max_abs": top["max_abs"], "max_ratio": round(top["max_abs"] / FP16_MAX, 6),
+    }
+
+
+def _dedupe(rows: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for r in rows:
+        if r["module"] not in seen:
+            seen.add(r["module"])
+            out.append(r)
+    return out
+
+
+def _trainer_callback(doctor: Doctor):
+    from transformers import TrainerCallback
+
+    class SftdoctorCallback(TrainerCallback):
+        """Added by sftdoctor.attach(trainer): hands the optimizer over and closes the last step."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            opt = kwargs.get("optimizer")
+            if opt is not None and doctor._opt_ref is None:
+                doctor._opt_ref = weakref.ref(opt)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if doctor._pending is not None and doctor._pending.forward_done:
+                doctor._finalize_pending()
+
+    return SftdoctorCallback()
+
+
+def attach(obj: Any, tokenizer: Any = None, *, optimizer: Any = None, every: int = 50, full_steps: int = 3,
+           ignore: Iterable[str] = (), on_finding: Callable | None = None, on_step: Callable | None = None,
+           command: str = "attach", rank: int | None = None) -> Doctor:
+    """Attach the step probes to a model (any nn.Module returning .logits or the logits tensor) or
+    to an HF Trainer (its model, tokenizer and optimizer are used; a callback is added for you).
+
+    every / full_steps: the full probe set runs on the first `full_steps` optimizer steps (micro-steps
+    until an optimizer step is seen), then every `every` steps, and right after any new finding;
+    the other steps get the cheap checks (loss finite, global grad norm, optimizer/scaler bookkeeping).
+    """
+    trainer = None
+    if hasattr(obj, "add_callback") and hasattr(obj, "model") and hasattr(obj, "args"):
+        trainer = obj
+        model = obj.model
+        if tokenizer is None:
+            tokenizer = getattr(obj, "processing_class", None) or getattr(obj, "tokenizer", None)
+        if optimizer is None:
+            optimizer = getattr(obj, "optimizer", None)
+    elif isinstance(obj, torch.nn.Module):
+        model = obj
+    else:
+        raise UserError(f"sftdoctor.attach() needs a torch model or a transformers Trainer, not a {type(obj).__name__}")
+    if tokenizer is not None and not isinstance(tokenizer, TokenizerInfo) and not hasattr(tokenizer, "convert_ids_to_tokens"):
+        tokenizer = getattr(tokenizer, "tokenizer", None)  # a processor wrapping a tokenizer
+    doctor = Doctor(model, tokenizer, optimizer=optimizer, every=every, full_steps=full_steps, ignore=ignore,
+                    on_finding=on_finding, on_step=on_step, command=command, rank=rank)
+    if trainer is not None:
+        doctor._trainer = trainer
+        doctor._callback = _trainer_callback(doctor)
+        trainer.add_callback(doctor._callback)
+    return doctor
+
+
+class _CallableModule(__import__("types").ModuleType):
+    """`import sftdoctor.attach` binds the name sftdoctor.attach to this module; keep
+    `sftdoctor.attach(model)` working either way."""
+
+    def __call__(self, *args, **kwargs):
+        return attach(*args, **kwargs)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule

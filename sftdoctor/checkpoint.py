@@ -1,0 +1,608 @@
+"""Checkpoint-level evidence: a streamed weight scan of a saved model, the CheckpointRecord that
+the checkpoint probes read, and the two checks `watch` runs on what a user's script saves or
+generates (check_state_dict, check_generation_outputs).
+
+The scan never loads the whole model: it opens each safetensors file memory-mapped (or a
+torch .bin with mmap=True), reads one tensor at a time in row chunks of at most CHUNK_ELEMENTS
+values, and keeps only per-tensor numbers. No transformers import here (probes import this).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from .errors import UserError
+from .findings import Finding
+
+FP16_MAX = 65504.0  # largest finite float16; anything above becomes inf when cast
+DTYPE_LIMITS = {"float16": FP16_MAX, "bfloat16": float(torch.finfo(torch.bfloat16).max),
+                "float32": float(torch.finfo(torch.float32).max)}
+CHUNK_ELEMENTS = 1 << 22  # values read per chunk: 16 MB of fp32, whatever the tensor size
+
+# safetensors header dtype codes -> torch dtype names
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+                      "tok_embeddings.weight", "embedding.weight")
+LM_HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight", "output.weight")
+
+
+@dataclass
+class CheckpointRecord:
+    """Everything the checkpoint probes read about one saved model, as plain data.
+
+    weights: one dict per tensor {name, dtype, shape, numel, max_abs, nan, inf}; max_abs is over
+    the finite values. forward: per dtype name, the logits and activation statistics of a few
+    prompts. generations: greedy outputs in `generation_dtype`, new tokens only.
+    """
+
+    path: str = ""
+    name: str = ""  # as the user gave it (folder or Hub id)
+    format: str = ""  # safetensors | bin
+    files: list[str] = field(default_factory=list)
+    total_bytes: int = 0
+    stored_dtypes: dict[str, int] = field(default_factory=dict)  # dtype -> number of values stored
+    weights: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # model_type, dtype, tie_word_embeddings, vocab_size, eos/pad ids
+    generation_config: dict[str, Any] | None = None  # {"eos_token_id": [...], "pad_token_id": n, "source": file}
+    tied: dict[str, Any] = field(default_factory=dict)  # config flag, tensor names present, equality
+    special_rows: list[dict[str, Any]] = field(default_factory=list)  # per special token and matrix: norm, ratio, zero, duplicate
+    serve_dtype: str = "float32"  # the dtype the model is served in (requested, else stored)
+    forward: dict[str, dict[str, Any]] = field(default_factory=dict)  # dtype -> logits/activation stats
+    generation_dtype: str | None = None
+    generations: list[dict[str, Any]] = field(default_factory=list)  # {prompt, prompt_ids, output_ids, stopped, nonfinite_steps, text}
+    max_new_tokens: int | None = None
+    base: "CheckpointRecord | None" = None  # the same checks on --base under identical settings
+    weight_change: list[dict[str, Any]] = field(default_factory=list)  # per tensor relative L2 change vs base
+    scan_seconds: float = 0.0
+
+    @property
+    def logits_nonfinite(self) -> bool | None:
+        """Did any greedy step see NaN/inf logits (None when nothing was generated)."""
+        if not self.generations:
+            return None
+        return any(g.get("nonfinite_steps", 0) for g in self.generations)
+
+    def summary(self) -> dict[str, Any]:
+        """Plain-data summary for report.metrics (no tensors)."""
+        nonfinite = [w for w in self.weights if w["nan"] or w["inf"]]
+        finite_max = [w["max_abs"] for w in self.weights if w.get("max_abs") is not None]
+        return {
+            "path": self.path, "name": self.name, "format": self.format, "files": self.files,
+            "bytes": self.total_bytes, "stored_dtypes": self.stored_dtypes, "tensors": len(self.weights),
+            "parameters": sum(w["numel"] for w in self.weights), "max_abs": max(finite_max, default=None),
+            "nonfinite_tensors": len(nonfinite), "serve_dtype": self.serve_dtype, "scan_seconds": round(self.scan_seconds, 3),
+        }
+
+
+# ---- streaming over the saved tensors ------------------------------------------------------------
+
+RowReader = Callable[[int, int], torch.Tensor]  # (start_row, end_row) -> that slice of the tensor
+
+
+@dataclass
+class StoredTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    read: RowReader  # rows [start, end) along dim 0 (the whole tensor for 0-d)
+    file: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape) if self.shape else 1
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def chunks(self, max_elements: int = CHUNK_ELEMENTS) -> Iterator[torch.Tensor]:
+        """The tensor in row chunks of at most max_elements values (at least one row)."""
+        if not self.shape:
+            yield self.read(0, 1)
+            return
+        per_row = max(1, self.numel // max(self.rows, 1))
+        step = max(1, max_elements // per_row)
+        for start in range(0, self.rows, step):
+            yield self.read(start, min(start + step, self.rows))
+
+
+def weight_files(folder: str | os.PathLike) -> tuple[str, list[Path]]:
+    """('safetensors' | 'bin', files) of a saved model folder; safetensors preferred as in transformers."""
+    p = Path(folder)
+    st = sorted(f for f in p.glob("*.safetensors") if not f.name.startswith("adapter_"))
+    if st:
+        return "safetensors", st
+    bins = sorted(p.glob("pytorch_model*.bin"))
+    if bins:
+        return "bin", bins
+    if any(p.glob("adapter_model.*")):
+        raise UserError(f"{folder} holds a LoRA adapter only; merge it into the base model (merge_and_unload) "
+                        "and save_pretrained the result, then diagnose that folder")
+    raise UserError(f"model folder {folder} has no weights (*.safetensors or pytorch_model*.bin); "
+                    "pass the folder written by save_pretrained")
+
+
+def _bad_file(f: Path, e: Exception) -> UserError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return UserError(f"{f} is truncated or corrupt ({first}); re-save or re-download the checkpoint")
+
+
+def open_tensors(folder: str | os.PathLike, stack: ExitStack) -> tuple[str, list[StoredTensor]]:
+    """Every tensor of a checkpoint as a lazy StoredTensor; files stay open (mmap) until `stack` closes."""
+    fmt, files = weight_files(folder)
+    out: list[StoredTensor] = []
+    if fmt == "safetensors":
+        for f in files:
+            reader = SafetensorsReader(f)
+            stack.callback(reader.close)
+            # in file order, so that a full scan reads the file sequentially
+            for name in sorted(reader.tensors, key=lambda n: reader.tensors[n][2]):
+                dtype, shape, _, _ = reader.tensors[name]
+                out.append(StoredTensor(name, dtype, shape, (lambda a, b, _r=reader, _n=name: _r.read(_n, a, b)), f.name))
+    else:
+        for f in files:
+            try:
+                # mmap: storages stay on disk and are paged in chunk by chunk as rows are read
+                state = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:
+                raise _bad_file(f, e) from None
+            if not isinstance(state, Mapping):
+                raise UserError(f"{f} does not hold a state dict; pass the folder written by save_pretrained")
+            for name, t in state.items():
+                if isinstance(t, torch.Tensor):
+                    out.append(_in_memory(name, t, f.name))
+    return fmt, out
+
+
+_TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+                 "bool": torch.bool, "float8_e4m3fn": getattr(torch, "float8_e4m3fn", None),
+                 "float8_e5m2": getattr(torch, "float8_e5m2", None)}
+MAX_HEADER = 100 << 20  # the safetensors format caps its JSON header at 100 MB
+
+
+class SafetensorsReader:
+    """Reads row ranges of the tensors of one .safetensors file with plain sequential reads
+    (not mmap): the file's pages then never count in this process's memory, and big reads run at
+    disk speed. The header (8-byte little-endian length, then JSON) is validated against the file
+    size first, so a truncated or corrupt file is one clear error."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.file = open(self.path, "rb", buffering=0)
+        try:
+            self.tensors = self._header()
+        except UserError:
+            self.file.close()
+            raise
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.file.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def _header(self) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+        size = os.fstat(self.file.fileno()).st_size
+        head = self.file.read(8)
+        if len(head) < 8:
+            raise _bad_file(self.path, ValueError("file shorter than its 8-byte header length"))
+        n = int.from_bytes(head, "little")
+        if n > min(MAX_HEADER, size - 8):
+            raise _bad_file(self.path, ValueError(f"header length {n} does not fit the {size}-byte file"))
+        try:
+            header = json.loads(self.file.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _bad_file(self.path, e) from None
+        header.pop("__metadata__", None)
+        start, out = 8 + n, {}
+        for name, info in header.items():
+            try:
+                dtype = _ST_DTYPES[info["dtype"]]
+                shape = tuple(int(x) for x in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise _bad_file(self.path, ValueError(f"bad header entry for {name!r}")) from None
+            tdtype = _TORCH_DTYPES.get(dtype)
+            if tdtype is None:
+                raise _bad_file(self.path, ValueError(f"unsupported dtype {info['dtype']} for {name!r}"))
+            nbytes = (math.prod(shape) if shape else 1) * torch.empty((), dtype=tdtype).element_size()
+            if end - begin != nbytes:
+                raise _bad_file(self.path, ValueError(f"{name!r} holds {end - begin} bytes for shape {list(shape)}"))
+            if start + end > size:
+                raise _bad_file(self.path, ValueError(f"file ends at byte {size}, before tensor {name!r} (ends at {start + end})"))
+            out[name] = (dtype, shape, start + begin, nbytes)
+        return out
+
+    def read(self, name: str, a: int, b: int) -> torch.Tensor:
+        dtype, shape, offset, nbytes = self.tensors[name]
+        rows = shape[0] if shape else 1
+        row_bytes = nbytes // max(rows, 1)
+        a, b = max(0, a), min(rows, b)
+        buf = self._buffer(max(0, (b - a) * row_bytes))
+        self.file.seek(offset + a * row_bytes)
+        got = self.file.readinto(memoryview(buf.numpy()))
+        if got != buf.numel():
+            raise _bad_file(self.path, ValueError(f"short read in {name!r}"))
+        t = buf.view(_TORCH_DTYPES[dtype])
+        return t.reshape((b - a, *shape[1:])) if shape else t.reshape(1)
+
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        """One of two reused byte buffers, in turn: a chunk read here stays valid until the read
+        after next (enough to compare two tensors chunk by chunk). Reuse avoids faulting in fresh
+        pages for every chunk, which costs as much as the read itself."""
+        self._turn = 1 - getattr(self, "_turn", 0)
+        pool = self.__dict__.setdefault("_pool", [None, None])
+        if pool[self._turn] is None or pool[self._turn].numel() < nbytes:
+            pool[self._turn] = torch.empty(nbytes, dtype=torch.uint8)  # uninitialised: filled by the read
+        return pool[self._turn][:nbytes]
+
+    def close(self) -> None:
+        self.file.close()
+        self.__dict__.pop("_pool", None)
+
+
+def _in_memory(name: str, t: torch.Tensor, file: str = "") -> StoredTensor:
+    t = t.detach()
+    return StoredTensor(name, str(t.dtype).replace("torch.", ""), tuple(t.shape),
+                        (lambda a, b: t[a:b]) if t.dim() else (lambda a, b: t.reshape(1)), file)
+
+
+# ---- per-tensor statistics -----------------------------------------------------------------------
+
+
+def tensor_stats(st: StoredTensor) -> dict[str, Any]:
+    """{name, dtype, shape, numel, max_abs, nan, inf}: one pass per chunk when all values are
+    finite (aminmax propagates NaN and shows inf as an extreme), a counting pass otherwise."""
+    nan = inf = 0
+    max_abs: float | None = None
+    floating = st.dtype.startswith(("float", "bfloat"))
+    for chunk in st.chunks():
+        if chunk.numel() == 0:
+            continue
+        if not floating:
+            m = float(chunk.abs().max()) if chunk.dtype != torch.bool else float(chunk.any())
+            max_abs = m if max_abs is None else max(max_abs, m)
+            continue
+        lo, hi = torch.aminmax(chunk)
+        lo, hi = float(lo), float(hi)
+        if math.isfinite(lo) and math.isfinite(hi):
+            m = max(-lo, hi)
+        else:
+            isnan = torch.isnan(chunk)
+            isinf = torch.isinf(chunk)
+            nan += int(isnan.sum())
+            inf += int(isinf.sum())
+            finite = chunk[~(isnan | isinf)]
+            m = float(finite.abs().max()) if finite.numel() else None
+        if m is not None:
+            max_abs = m if max_abs is None else max(max_abs, m)
+    return {"name": st.name, "dtype": st.dtype, "shape": list(st.shape), "numel": st.numel,
+            "max_abs": max_abs, "nan": nan, "inf": inf}
+
+
+def _find(names: list[str], suffixes: tuple[str, ...]) -> str | None:
+    for suffix in suffixes:
+        hits = [n for n in names if n == suffix or n.endswith("." + suffix)]
+        if hits:
+            return min(hits, key=len)
+    return None
+
+
+def _tensors_equal(a: StoredTensor, b: StoredTensor) -> tuple[bool, float | None]:
+    """(equal, max |a-b|) compared chunk by chunk; different shapes are not equal."""
+    if a.shape != b.shape:
+        return False, None
+    worst = 0.0
+    for start in range(0, a.rows, max(1, CHUNK_ELEMENTS // max(1, a.numel // max(a.rows, 1)))):
+        end = min(a.rows, start + max(1, CHUNK_ELEMENTS // max(1, a.numel // max(a.rows, 1))))
+        d = (a.read(start, end).float() - b.read(start, end).float()).abs()
+        d = torch.nan_to_num(d, nan=float("inf"))
+        worst = max(worst, float(d.max()) if d.numel() else 0.0)
+    return worst == 0.0, worst
+
+
+def tied_status(tensors: list[StoredTensor], tie_word_embeddings: bool | None) -> dict[str, Any]:
+    by_name = {t.name: t for t in tensors}
+    names = list(by_name)
+    emb, head = _find(names, EMBEDDING_SUFFIXES), _find(names, LM_HEAD_SUFFIXES)
+    out: dict[str, Any] = {"config_tie": tie_word_embeddings, "embedding": emb, "lm_head": head, "equal": None, "max_diff": None}
+    if emb and head:
+        out["equal"], out["max_diff"] = _tensors_equal(by_name[emb], by_name[head])
+    return out
+
+
+def row_norm_checks(st: StoredTensor, token_ids: Mapping[int, str]) -> list[dict[str, Any]]:
+    """Special-token rows of an embedding (or lm_head) matrix: norm, ratio to the mean row norm,
+    zero, or an exact duplicate of another checked row. Streams the matrix once."""
+    if len(st.shape) != 2:
+        return []
+    wanted = {i: t for i, t in token_ids.items() if 0 <= i < st.rows}
+    rows: dict[int, torch.Tensor] = {}
+    total, count, start = 0.0, 0, 0
+    for chunk in st.chunks():
+        c = chunk.float()
+        norms = torch.nan_to_num(c.norm(dim=1), nan=0.0, posinf=0.0)
+        total += float(norms.sum())
+        count += int(norms.numel())
+        for i in wanted:
+            if start <= i < start + c.shape[0]:
+                rows[i] = c[i - start].clone()
+        start += c.shape[0]
+    mean = total / max(count, 1)
+    out = []
+    for i, row in sorted(rows.items()):
+        norm = float(row.norm())
+        dup = next((j for j, other in rows.items() if j < i and torch.equal(other, row) and norm > 0), None)
+        out.append({"token_id": i, "token": wanted[i], "matrix": st.name, "norm": round(norm, 6),
+                    "mean_norm": round(mean, 6), "ratio_to_mean": round(norm / mean, 4) if mean > 0 else None,
+                    "zero": norm == 0.0, "duplicate_of": dup})
+    return out
+
+
+@dataclass
+class WeightScan:
+    format: str
+    files: list[str]
+    total_bytes: int
+    weights: list[dict[str, Any]]
+    stored_dtypes: dict[str, int]
+    tied: dict[str, Any]
+    special_rows: list[dict[str, Any]]
+    seconds: float
+
+
+def scan_weights(folder: str | os.PathLike, *, tie_word_embeddings: bool | None = None,
+                 special_tokens: Mapping[int, str] | None = None) -> WeightScan:
+    """Stream every tensor of a saved model once: per-tensor stats, tied-weight consistency and
+    the special-token rows. Memory stays at one chunk plus the (small) per-tensor results."""
+    import time
+
+    t0 = time.perf_counter()
+    with ExitStack() as stack:
+        fmt, tensors = open_tensors(folder, stack)
+        _, files = weight_files(folder)
+        weights = [tensor_stats(t) for t in tensors]
+        stored: Counter[str] = Counter()
+        for w in weights:
+            stored[w["dtype"]] += w["numel"]
+        tied = tied_status(tensors, tie_word_embeddings)
+        special: list[dict[str, Any]] = []
+        if special_tokens:
+            by_name = {t.name: t for t in tensors}
+            for key in ("embedding", "lm_head"):
+                name = tied.get(key)
+                if name and not (key == "lm_head" and tied.get("equal")):
+                    special += row_norm_checks(by_name[name], special_tokens)
+    return WeightScan(fmt, [f.name for f in files], sum(f.stat().st_size for f in files), weights, dict(stored),
+                      tied, special, time.perf_counter() - t0)
+
+
+def weight_change(folder: str | os.PathLike, base_folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """Per tensor present in both: relative L2 change ||w - w_base|| / ||w_base||, streamed in
+    chunks (fp32 accumulation). Tensors whose shapes differ (resized embeddings) say so."""
+    out = []
+    with ExitStack() as stack:
+        _, tuned = open_tensors(folder, stack)
+        _, base = open_tensors(base_folder, stack)
+        base_by_name = {t.name: t for t in base}
+        for t in tuned:
+            b = base_by_name.get(t.name)
+            if b is None:
+                continue
+            if b.shape != t.shape:
+                out.append({"name": t.name, "relative_change": None, "shape": list(t.shape), "base_shape": list(b.shape)})
+                continue
+            diff2 = ref2 = 0.0
+            per_row = max(1, t.numel // max(t.rows, 1))
+            step = max(1, CHUNK_ELEMENTS // per_row)
+            for start in range(0, t.rows, step):
+                end = min(t.rows, start + step)
+                x, y = t.read(start, end).double(), b.read(start, end).double()
+                diff2 += float(((x - y) ** 2).sum())
+                ref2 += float((y ** 2).sum())
+            change, norm = math.sqrt(diff2), math.sqrt(ref2)
+            # relative change is undefined for a zero base tensor (e.g. biases initialised to 0)
+            rel = change / norm if norm > 0 and math.isfinite(change) else (0.0 if change == 0 else None)
+            out.append({"name": t.name, "relative_change": rel, "change": change if math.isfinite(change) else None,
+                        "base_norm": norm})
+    return out
+
+
+# ---- findings shared by the probes and by watch ---------------------------------------------------
+
+
+def nonfinite_weight_findings(weights: list[dict[str, Any]], *, base_weights: list[dict[str, Any]] | None = None) -> list[Finding]:
+    bad = [w for w in weights if w["nan"] or w["inf"]]
+    if not bad:
+        return []
+    total = sum(w["numel"] for w in weights)
+    n_bad = sum(w["nan"] + w["inf"] for w in bad)
+    evidence: dict[str, Any] = {
+        "tensors": [{"name": w["name"], "dtype": w["dtype"], "nan": w["nan"], "inf": w["inf"], "numel": w["numel"]} for w in bad[:20]],
+        "nonfinite_tensors": len(bad), "tensors_total": len(weights),
+        "nonfinite_values": n_bad, "share_of_values": round(n_bad / max(total, 1), 6),
+        "dtypes": sorted({w["dtype"] for w in bad}),
+    }
+    if base_weights is not None:
+        evidence["base_nonfinite_tensors"] = sum(1 for w in base_weights if w["nan"] or w["inf"])
+    fp16 = any(w["dtype"] == "float16" for w in bad)
+    return [Finding(
+        id="weights-nonfinite", severity="fail", level="checkpoint",
+        message=(f"{len(bad)} of {len(weights)} saved tensors hold NaN/inf ({n_bad} values, first: {bad[0]['name']}); "
+                 "every forward pass through them is NaN, and argmax of NaN logits is token 0"),
+        evidence=evidence,
+        fix=("the training run wrote NaN: do not optimise fp16 parameters with Adam (eps=1e-8 rounds to 0 in fp16); "
+             "keep fp32 master weights (torch.autocast + GradScaler, or bf16 mixed precision), and stop on the first "
+             "non-finite loss/grad (sftdoctor watch)" if fp16 else
+             "the training run wrote NaN/inf: find the first non-finite step (sftdoctor watch), lower the lr or "
+             "clip gradients, and re-save from the last finite checkpoint"),
+    )]
+
+
+def tied_findings(tied: Mapping[str, Any]) -> list[Finding]:
+    flag, emb, head, equal = tied.get("config_tie"), tied.get("embedding"), tied.get("lm_head"), tied.get("equal")
+    if emb is None:
+        return []  # no recognisable input embedding: nothing to compare
+    problem = None
+    if flag is False and head is None:
+        problem = ("tie_word_embeddings is false but no lm_head tensor was saved: a loader initialises lm_head "
+                   "randomly and the model prints garbage")
+        fix = "set tie_word_embeddings=true in config.json if the model was tied, or save the lm_head weight"
+    elif flag is True and head is not None and equal is False:
+        problem = (f"tie_word_embeddings is true but the saved {head} differs from {emb}: a loader ties them and "
+                   "silently drops the trained lm_head")
+        fix = "save with the weights tied (model.tie_weights() before save_pretrained), or set tie_word_embeddings=false"
+    if problem is None:
+        return []
+    return [Finding(id="tied-weights-mismatch", severity="warn", level="checkpoint", message=problem,
+                    evidence={"tie_word_embeddings": flag, "embedding": emb, "lm_head": head, "equal": equal,
+                              "max_diff": tied.get("max_diff")}, fix=fix)]
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], config: Any = None) -> list[Finding]:
+    """weights-nonfinite and tied-weights-mismatch on an in-memory state dict (what a script saves).
+
+    config: an HF config (or a dict) for tie_word_embeddings; None skips the tie check.
+    """
+    tensors = [_in_memory(name, t) for name, t in state.items() if isinstance(t, torch.Tensor)]
+    findings = nonfinite_weight_findings([tensor_stats(t) for t in tensors])
+    tie = config.get("tie_word_embeddings") if isinstance(config, Mapping) else getattr(config, "tie_word_embeddings", None)
+    if config is not None and tie is not None:
+        findings += tied_findings(tied_status(tensors, bool(tie)))
+    return findings
+
+
+# ---- greedy generation outputs --------------------------------------------------------------------
+
+DEGENERATE_HEAD = 8  # an output whose first (up to) 8 new tokens are one id is degenerate ("!!!!!!!!")
+DEGENERATE_MIN = 4  # ... when it has at least this many tokens
+PAD_SHARE = 0.5  # or when at least half of its tokens are the pad token / id 0
+
+
+def split_output(prompt: list[int], output: list[int], stop_ids: set[int]) -> tuple[list[int], bool]:
+    """(new tokens up to the first stop id, stopped). A leading copy of the prompt (what
+    model.generate returns) is removed; tokens after the stop (batch padding) are dropped."""
+    out = list(output)
+    if len(out) >= len(prompt) and prompt and out[: len(prompt)] == list(prompt):
+        out = out[len(prompt):]
+    for k, t in enumerate(out):
+        if t in stop_ids:
+            return out[:k], True
+    return out, False
+
+
+def is_degenerate(tokens: list[int], pad_ids: set[int]) -> bool:
+    if len(tokens) < DEGENERATE_MIN:
+        return False
+    head = tokens[:DEGENERATE_HEAD]
+    if len(set(head)) == 1:
+        return True
+    return sum(t in pad_ids for t in tokens) >= PAD_SHARE * len(tokens)
+
+
+def check_generation_outputs(prompts: list[list[int]], outputs: list[list[int]], tokenizer_info: Any, *,
+                             max_new_tokens: int | None = None, logits_nonfinite: Any = None) -> list[Finding]:
+    """generation-degenerate (with its cause family) and generation-never-stops on greedy outputs.
+
+    outputs: per prompt, the generated ids (new tokens, or prompt + new tokens as model.generate
+    returns them). logits_nonfinite: True/False (or a share, or a per-prompt list) when known:
+    non-finite logits make the family 'numerical', finite ones 'learned', unknown otherwise.
+    """
+    tok = tokenizer_info
+    stop_ids = set(getattr(tok, "eos_ids", ()) or ())
+    pad_id = getattr(tok, "pad_id", None)
+    pad_ids = {0} | ({pad_id} if pad_id is not None and pad_id not in stop_ids else set())
+    cut = [split_output(p, o, stop_ids) for p, o in zip(prompts, outputs)]
+    if not cut:
+        return []
+    limit = max_new_tokens if max_new_tokens is not None else max(len(t) for t, _ in cut)
+    degenerate = [is_degenerate(t, pad_ids) for t, _ in cut]
+    text = tok.token_text if hasattr(tok, "token_text") else (lambda i: "")
+    decode = getattr(tok, "decode", None)
+
+    def sample(k: int) -> dict[str, Any]:
+        tokens, stopped = cut[k]
+        s = decode(tokens[:48]) if decode is not None else " ".join(map(str, tokens[:48]))
+        return {"prompt": k, "output": s, "ids": tokens[:16], "tokens": len(tokens), "stopped": stopped}
+
+    findings: list[Finding] = []
+    n, n_deg = len(cut), sum(degenerate)
+    if n_deg * 2 >= n and n_deg:
+        counts = Counter(t for (toks, _), d in zip(cut, degenerate) if d for t in toks)
+        token_id, token_count = counts.most_common(1)[0]
+        gen_total = sum(len(toks) for (toks, _), d in zip(cut, degenerate) if d)
+        if isinstance(logits_nonfinite, (list, tuple)):
+            nonfinite = any(bool(x) for x in logits_nonfinite)
+        else:
+            nonfinite = None if logits_nonfinite is None else bool(logits_nonfinite)
+        family = "unknown" if nonfinite is None else ("numerical" if nonfinite else "learned")
+        tok_text = text(token_id)
+        why = {"numerical": "logits are NaN/inf (argmax of an all-NaN row is id 0)",
+               "learned": "logits are finite, so the weights genuinely prefer it",
+               "unknown": "logits were not checked"}[family]
+        fix = {
+            "numerical": ("load and serve in float32 or bfloat16 (torch_dtype='auto'), not float16; if the weights "
+                          "themselves hold NaN (weights-nonfinite), retrain with fp32 master weights"),
+            "learned": ("the model was trained to emit this token: pad labels with -100, never with 0 or pad_id "
+                        "(check a batch with sftdoctor inspect-batch), then retrain"),
+            "unknown": "run sftdoctor diagnose on the saved model to tell a numerical cause from a learned one",
+        }[family]
+        findings.append(Finding(
+            id="generation-degenerate", severity="fail", level="checkpoint",
+            message=(f"greedy generation repeats token {token_id} {tok_text!r} on {n_deg} of {n} prompts; {why} "
+                     f"({family} family)"),
+            evidence={
+                "family": family, "degenerate_prompts": n_deg, "prompts": n, "token_id": int(token_id),
+                "token_text": tok_text, "token_share": round(token_count / max(gen_total, 1), 4),
+                "token_is_pad": token_id == pad_id, "token_is_id0": token_id == 0,
+                "logits_finite": None if nonfinite is None else not nonfinite,
+                "samples": [sample(k) for k in range(n) if degenerate[k]][:3],
+            },
+            fix=fix,
+        ))
+    normal = [k for k in range(n) if not degenerate[k]]
+    running = [k for k in normal if not cut[k][1] and len(cut[k][0]) >= limit]
+    if normal and len(running) * 2 > len(normal):
+        lengths = [len(cut[k][0]) for k in normal]
+        eos_text = [{"id": i, "text": text(i)} for i in sorted(stop_ids)]
+        findings.append(Finding(
+            id="generation-never-stops", severity="fail", level="checkpoint",
+            message=(f"greedy generation ran to the {limit}-token limit without an end token on {len(running)} of "
+                     f"{len(normal)} prompts: the model never learned to emit EOS"),
+            evidence={"stop_rate": round(1 - len(running) / len(normal), 4), "prompts": len(normal),
+                      "never_stopped": len(running), "mean_length": round(sum(lengths) / len(lengths), 2),
+                      "max_new_tokens": limit, "end_tokens": eos_text,
+                      "pad_is_eos": pad_id is not None and pad_id in stop_ids,
+                      "samples": [sample(k) for k in running[:3]]},
+            fix=("supervise the EOS / end-of-turn token at the end of every response; if pad == eos, mask padding "
+                 "by position (attention_mask == 0), not by token id, or use a pad token distinct from eos"),
+        ))
+    return findings
+
+
+def read_generation_config(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """eos/pad ids the way a generation stack reads them: generation_config.json, else config.json."""
+    for fname in ("generation_config.json", "config.json"):
+        p = Path(folder) / fname
+        if not p.is_file():
+            continue
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        eos = data.get("eos_token_id")
+        if eos is None and fname == "config.json" and "text_config" in data:
+            eos = data["text_config"].get("eos_token_id")
+        eos_list = [int(x) for x in (eos if isinstance(eos, list) else [eos]) if isinstance(x, int)]
+        return {"eos_token_id": eos_list, "pad_token_id": data.get("pad_token_id"), "source": fname}
+    return None

@@ -1,0 +1,50 @@
+"""`sftdoctor train`: fine-tune with a known-good recipe; refuse a run the probes know is
+broken, and with --fix repair what has a remedy.
+
+    sftdoctor train --fix                       # tiny model, synthetic problems, CPU, minutes
+    sftdoctor train --model Qwen/Qwen2.5-0.5B --data openai/gsm8k --learning-rate 1e-5 --epochs 3
+    torchrun --nproc_per_node 2 -m sftdoctor train ...   # the same command, data parallel
+"""
+from __future__ import annotations
+
+import argparse
+
+from .common import add_output_options, finish
+
+
+def add_parser(sub) -> None:
+    from ..train.recipe import add_recipe_arguments
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune with a known-good recipe, gated by the probes (--fix repairs what it can)",
+        description="Supervised fine-tuning on HF Trainer. Preflight runs the probes on the first real batches; "
+                    "a fail finding stops the run unless --fix, which applies each known remedy and says what it changed.",
+    )
+    p.add_argument("--fix", action="store_true", help="apply the remedy of each preflight finding that has one, print each change, and train")
+    p.add_argument("--config", metavar="FILE", help="recipe fields from a .yaml or .toml file (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir (no example repeated or skipped)")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoints, model and report of a non-empty --output-dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_recipe_arguments(p)
+    add_output_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import ignored_ids
+    from ..train.recipe import build_recipe
+    from ..train.trainer import is_main, run as run_training
+
+    recipe = build_recipe(args, config_path=args.config)
+    if args.resume and not recipe.output_dir:
+        from ..errors import UserError
+
+        raise UserError("--resume needs --output-dir (the run to continue)")
+    report, out = run_training(recipe, fix=args.fix, resume=args.resume, overwrite=args.overwrite,
+                               ignore=ignored_ids(args.ignore), show_progress=not args.no_progress)
+    if not is_main():
+        return 1 if report.verdict == "fail" else 0
+    code = finish(report, args, show=True)
+    print(f"report: {out / 'report.json'}")
+    return code

@@ -1,0 +1,66 @@
+"""`sftdoctor watch [options] train.py [args...]`: run your training script unchanged with every
+probe attached; report what went wrong, however the script ends."""
+from __future__ import annotations
+
+import argparse
+
+from .common import add_output_options, finish
+
+EPILOG = """examples:
+  sftdoctor watch train.py --lr 1e-5               your script, its own arguments after it
+  sftdoctor watch --fail-fast --json run.json train.py
+  sftdoctor watch --max-steps 20 -m mypkg.train
+  torchrun --nproc_per_node 2 -m sftdoctor watch train.py   one merged report (rank 0 writes it)
+
+exit code: the script's own when it failed (exception 1, sys.exit(n) n, Ctrl-C 130), else 1 when a
+fail finding was found, else 0."""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "watch",
+        help="run your training script with sftdoctor attached (batch, step, checkpoint probes)",
+        description="Run a training script unchanged, with sftdoctor's probes attached to the model it trains.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("script", nargs="?", help="your training script")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
+    p.add_argument("-m", dest="module", metavar="MODULE", help="run a module as the script (like python -m)")
+    p.add_argument("--fail-fast", action="store_true", help="stop the script at the first fail finding")
+    p.add_argument("--max-steps", type=int, metavar="N", help="watch the first N optimizer steps, then stop the script")
+    p.add_argument("--every", type=int, default=50, metavar="N",
+                   help="run the full step probes every N optimizer steps (default 50; cheap checks run on every step)")
+    p.add_argument("--full-steps", type=int, default=3, metavar="N", help="full step probes on the first N steps (default 3)")
+    p.add_argument("--max-length", type=int, metavar="N", help="the max_length your rows were truncated to")
+    p.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
+    add_output_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import ignored_ids
+    from ..errors import UserError
+    from ..live import LiveView
+    from ..watch import Watcher, WatchOptions, exit_code
+    from .. import distributed
+
+    script, script_args = args.script, list(args.script_args)
+    if args.module and script:  # `-m pkg a b`: argparse took `a` for the script
+        script, script_args = None, [script, *script_args]
+    if not script and not args.module:
+        raise UserError("nothing to watch: sftdoctor watch train.py [script args...] (or -m module)")
+    for name in ("max_steps", "every", "full_steps"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "max_steps" else 0):
+            raise UserError(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'max_steps' else '>= 0'}, got {value}")
+    options = WatchOptions(every=args.every, full_steps=args.full_steps, fail_fast=args.fail_fast,
+                           max_steps=args.max_steps, ignore=frozenset(ignored_ids(args.ignore)),
+                           max_length=args.max_length)
+    view = LiveView(plain=True if args.plain else None, quiet=False, rank=distributed.rank())
+    local = Watcher(options, view).run(script, script_args, module=args.module)
+    report = distributed.gather(local)
+    if report is None:  # not rank 0: rank 0 prints and writes the merged report
+        return exit_code(local)
+    finish(report, args)
+    return exit_code(report) if report is not local else exit_code(local)

@@ -1,0 +1,179 @@
+"""Low-level hooks: process-wide patches shared by every attached Doctor, and the per-module
+activation collector.
+
+Process-wide patches (installed while at least one Doctor is attached, restored after the last
+detaches): torch.Tensor.backward (to see the raw loss and to get a safe point right after the
+backward), torch.amp.GradScaler.scale/step/update (loss scale, skipped steps), and the global
+optimizer step pre/post hooks.
+
+Autograd hooks here only *record* (reduce to 0-d tensors on the device); they never call user
+callbacks, so an exception from a callback can only surface at a safe point.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import torch
+
+_LOCK = threading.RLock()
+_ACTIVE: list[Any] = []  # attached Doctors, in attach order
+_SAVED: dict[str, Any] = {}  # originals of what is patched
+_HANDLES: list[Any] = []  # global optimizer hook handles
+
+
+def _each(method: str, *args) -> None:
+    for d in list(_ACTIVE):
+        getattr(d, method)(*args)
+
+
+def _backward(self, *args, **kwargs):
+    _each("_before_backward", self)
+    result = _SAVED["backward"](self, *args, **kwargs)
+    _each("_after_backward", self)  # safe point: user code called .backward(); exceptions reach it
+    return result
+
+
+def _scaler_scale(self, outputs):
+    out = _SAVED["scale"](self, outputs)
+    _each("_on_scaler_scale", self, outputs, out)
+    return out
+
+
+def _scaler_step(self, optimizer, *args, **kwargs):
+    _each("_on_scaler_step_begin", self, optimizer)
+    result = _SAVED["step"](self, optimizer, *args, **kwargs)
+    _each("_on_scaler_step_end", self, optimizer)
+    return result
+
+
+def _scaler_update(self, *args, **kwargs):
+    result = _SAVED["update"](self, *args, **kwargs)
+    _each("_on_scaler_update", self)
+    return result
+
+
+def _opt_pre(optimizer, args, kwargs):
+    _each("_on_optimizer_pre", optimizer)
+    return None
+
+
+def _opt_post(optimizer, args, kwargs):
+    _each("_on_optimizer_post", optimizer)
+
+
+def register(doctor: Any) -> None:
+    """Add a Doctor; install the process-wide patches when it is the first."""
+    from torch.amp import GradScaler
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    with _LOCK:
+        if doctor in _ACTIVE:
+            return
+        _ACTIVE.append(doctor)
+        if len(_ACTIVE) > 1:
+            return
+        _SAVED["backward"] = torch.Tensor.backward
+        torch.Tensor.backward = _backward
+        for name, fn in (("scale", _scaler_scale), ("step", _scaler_step), ("update", _scaler_update)):
+            _SAVED[name] = GradScaler.__dict__[name]
+            setattr(GradScaler, name, fn)
+        _HANDLES.append(register_optimizer_step_pre_hook(_opt_pre))
+        _HANDLES.append(register_optimizer_step_post_hook(_opt_post))
+
+
+def unregister(doctor: Any) -> None:
+    """Remove a Doctor; restore every original when none is left. Idempotent."""
+    from torch.amp import GradScaler
+
+    with _LOCK:
+        if doctor not in _ACTIVE:
+            return
+        _ACTIVE.remove(doctor)
+        if _ACTIVE:
+            return
+        torch.Tensor.backward = _SAVED.pop("backward")
+        for name in ("scale", "step", "update"):
+            setattr(GradScaler, name, _SAVED.pop(name))
+        while _HANDLES:
+            _HANDLES.pop().remove()
+
+
+def active() -> list[Any]:
+    return list(_ACTIVE)
+
+
+def first_tensor(out: Any) -> torch.Tensor | None:
+    """The tensor a module returned (first element of a tuple/list); None for dict-like outputs."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+def logits_of(out: Any) -> torch.Tensor | None:
+    """The logits of a causal LM's output (ModelOutput.logits, a dict's 'logits', or the tensor)."""
+    lg = getattr(out, "logits", None)
+    if lg is None and isinstance(out, dict):
+        lg = out.get("logits")
+    if lg is None:
+        lg = first_tensor(out)
+    if isinstance(lg, torch.Tensor) and lg.dim() == 3 and lg.is_floating_point():
+        return lg
+    return None
+
+
+class ActivationCollector:
+    """Forward hooks on every submodule: max |output| per call as a 0-d device tensor (one
+    aminmax pass: NaN/inf propagate into it, so it is also the finiteness test), plus a tensor
+    hook on the output for the same statistic of its gradient in backward. Gated: when
+    `forward_on` is False a hook costs one attribute read."""
+
+    def __init__(self, root: torch.nn.Module):
+        self.forward_on = False
+        self.backward_on = False
+        self.forward: list[tuple[str, torch.dtype, torch.Tensor]] = []  # call order
+        self.backward: list[tuple[str, torch.dtype, torch.Tensor]] = []  # backward order
+        self.handles = []
+        for name, mod in root.named_modules():
+            if mod is root or isinstance(mod, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+                continue
+            self.handles.append(mod.register_forward_hook(self._make_hook(name)))
+
+    def _make_hook(self, name: str) -> Callable:
+        def hook(mod, inputs, output):
+            if not self.forward_on:
+                return None
+            t = first_tensor(output)
+            if t is None or not t.is_floating_point() or t.numel() == 0:
+                return None
+            with torch.no_grad():
+                mn, mx = torch.aminmax(t.detach())
+                v = torch.maximum(mx.float(), -mn.float())
+            self.forward.append((name, t.dtype, v))
+            if self.backward_on and t.requires_grad:
+                t.register_hook(self._make_grad_hook(name))
+            return None
+        return hook
+
+    def _make_grad_hook(self, name: str) -> Callable:
+        def grad_hook(grad):
+            # autograd hook: record only, never raise into the user's backward
+            if self.backward_on and grad is not None and grad.numel():
+                with torch.no_grad():
+                    mn, mx = torch.aminmax(grad.detach())
+                    self.backward.append((name, grad.dtype, torch.maximum(mx.float(), -mn.float())))
+            return None
+        return grad_hook
+
+    def take(self) -> tuple[list, list]:
+        f, b = self.forward, self.backward
+        self.forward, self.backward = [], []
+        return f, b
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.forward, self.backward = [], []

@@ -1,0 +1,363 @@
+"""What the step hooks observe, as plain data, and the tensor reductions that produce it.
+
+Probes read StepRecord (ctx.step) and RunHistory (ctx.run); neither holds a tensor of the
+model's graph. The reductions here run on the device, reduce [B, T, V] logits and their
+gradient to [B, T] vectors one row at a time (so the temporary is [T, V], never [B, T, V]),
+and are moved to the host once per step (`to_host`).
+
+Alignment used everywhere below: logits row t predicts the token at position t + 1 (HF causal
+LM convention), so a row's *target class* is the class of position t + 1.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .context import IGNORE_INDEX, Batch, TokenizerInfo
+from .tokens import CLASS_NAMES, TokenClass, classify
+
+FP16_MAX = 65504.0
+HEADROOM_FACTOR = 4.0  # precision-headroom: within this factor of the dtype's max
+DTYPE_MAX = {
+    torch.float16: FP16_MAX,
+    torch.bfloat16: float(torch.finfo(torch.bfloat16).max),
+    torch.float32: float(torch.finfo(torch.float32).max),
+    torch.float64: float(torch.finfo(torch.float64).max),
+}
+LOW_PRECISION = ("float16", "bfloat16")
+# Candidate targets compared with each logits row's effective target: target == input_ids[t + k].
+OFFSETS = (0, 1, 2)
+CORRECT_OFFSET = 1  # logits[t] must predict input_ids[t + 1]
+
+
+def dtype_name(dt: Any) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def dtype_limit(dt: Any) -> float | None:
+    for k, v in DTYPE_MAX.items():
+        if dtype_name(k) == dtype_name(dt):
+            return v
+    return None
+
+
+@dataclass
+class StepRecord:
+    """One micro-step (one forward, usually one backward) as observed by the hooks."""
+
+    step: int  # micro-step index, 0-based
+    optimizer_step_index: int  # optimizer steps (attempts) completed before this micro-step
+    full: bool  # the full probe set ran (else only the cheap checks)
+    optimizer_step: bool = False  # an optimizer step (or a scaler-skipped one) followed this micro-step
+    backward_seen: bool = False
+    loss: float | None = None  # the model's loss if it returned one, else the tensor given to .backward()
+    backward_loss: float | None = None  # what .backward() was called on (divided by the GradScaler scale)
+    loss_source: str | None = None  # "model" | "backward"
+    loss_scale: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None  # global L2 norm of parameter grads after this backward (unscaled)
+    nonfinite_grad_params: list[str] = field(default_factory=list)
+    params: dict[str, Any] | None = None  # trainable / with grad / missing from optimizer (see attach)
+    supervised_tokens: int | None = None
+    supervised_source: str | None = None  # "labels" | "gradient"
+    scaler_active: bool = False
+    dtypes: dict[str, Any] = field(default_factory=dict)  # param, config, autocast, compute, adam_eps_fp16_zero
+    logits_requires_grad: bool | None = None
+    # ---- full steps only ----
+    activations: list[dict[str, Any]] = field(default_factory=list)  # forward (call order) then backward
+    logits: dict[str, Any] | None = None  # dtype, positions, nonfinite_positions, nonfinite_share, rows
+    by_class: dict[str, dict[str, Any]] = field(default_factory=dict)
+    argmax: dict[str, Any] | None = None  # histogram, positions, top token, natural share
+    targets: dict[str, Any] | None = None  # effective-target match rates, per-class gradient
+    token_weight: float | None = None  # median d loss / d logit weight per supervised token
+    grad_positions_nonfinite: int = 0
+    fp16_forecast: dict[str, Any] | None = None  # from a non-fp16 forward: modules that would overflow in fp16
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def metrics_row(self) -> dict[str, Any]:
+        """The report.metrics["steps"] row (keys read by the HTML renderer)."""
+        return {
+            "step": self.step, "optimizer_step": self.optimizer_step, "loss": self.loss,
+            "grad_norm": self.grad_norm, "loss_scale": self.loss_scale, "lr": self.lr,
+            "supervised_tokens": self.supervised_tokens, "by_class": self.by_class, "full": self.full,
+        }
+
+
+@dataclass
+class OptimizerStep:
+    index: int
+    micro_steps: list[int]  # StepRecord.step of the micro-steps accumulated into it
+    skipped: bool = False  # GradScaler found inf/NaN grads and did not call optimizer.step()
+    scale_after: float | None = None
+    lr: float | None = None
+
+
+@dataclass
+class RunHistory:
+    """The time series a run-level probe reads. `checked_*` mark what earlier probe passes saw,
+    so run probes look only at new points (O(window) per step, not O(run))."""
+
+    records: list[StepRecord] = field(default_factory=list)
+    optimizer_steps: list[OptimizerStep] = field(default_factory=list)
+    scaler_seen: bool = False
+    scales: list[float] = field(default_factory=list)  # GradScaler scale after each update()
+    checked_records: int = 0
+    checked_optimizer_steps: int = 0
+
+    def record(self, step: int) -> StepRecord | None:
+        for r in reversed(self.records):
+            if r.step == step:
+                return r
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Device-side reductions (run inside hooks, under no_grad; return small device tensors)
+# ---------------------------------------------------------------------------------------------
+
+def candidate_targets(input_ids: torch.Tensor, labels: torch.Tensor | None, pad_id: int | None) -> torch.Tensor:
+    """[B, T, K] ids each logits row is compared with: input_ids[t + k] for k in OFFSETS, the pad
+    id, and labels[t + 1] (the HF target) when labels were passed; -1 where undefined."""
+    B, T = input_ids.shape
+    cols = []
+    for k in OFFSETS:
+        c = torch.full_like(input_ids, -1)
+        if k < T:
+            c[:, : T - k] = input_ids[:, k:]
+        cols.append(c)
+    cols.append(torch.full_like(input_ids, -1 if pad_id is None else int(pad_id)))
+    lab = torch.full_like(input_ids, -1)
+    if labels is not None and labels.shape == input_ids.shape:
+        lab[:, : T - 1] = labels[:, 1:]  # HF shift: logits[t] is scored against labels[t + 1]
+        lab[lab == IGNORE_INDEX] = -1
+    cols.append(lab)
+    return torch.stack(cols, dim=-1)
+
+
+CANDIDATE_NAMES = [f"offset_{k}" for k in OFFSETS] + ["pad", "labels"]
+
+
+@torch.no_grad()
+def logits_forward_stats(logits: torch.Tensor, candidates: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Per logits row: logsumexp, L2 norm, entropy, argmax, finiteness, and the logit at each
+    candidate target. One [T, V] float32 temporary at a time."""
+    B, T, V = logits.shape
+    lse = torch.empty(B, T, device=logits.device)
+    norm = torch.empty_like(lse)
+    entropy = torch.empty_like(lse)
+    argmax = torch.empty(B, T, dtype=torch.long, device=logits.device)
+    cand = None
+    if candidates is not None:
+        cand = torch.empty(B, T, candidates.shape[-1], device=logits.device)
+    buf = None  # one [T, V] float32 buffer reused for every row (allocation costs more than the math)
+    for b in range(B):
+        x = logits[b].detach().float()
+        am = x.argmax(dim=-1)
+        argmax[b] = am
+        mx = x.gather(-1, am[:, None])  # row max, from the argmax (no extra pass)
+        if buf is None:
+            buf = torch.empty_like(x)
+        e = torch.exp(torch.sub(x, mx, out=buf), out=buf)  # exp(x - max)
+        s = e.sum(dim=-1)
+        ex = e.mul_(x).sum(dim=-1)  # sum e * x, in place
+        lse[b] = mx[:, 0] + s.log()
+        entropy[b] = lse[b] - ex / s  # H = lse - sum p * x
+        norm[b] = torch.linalg.vector_norm(x, dim=-1)  # inf/NaN propagate: doubles as the finiteness test
+        if cand is not None:
+            cand[b] = x.gather(-1, candidates[b].clamp(min=0))
+    out = {"lse": lse, "logit_norm": norm, "entropy": entropy, "argmax": argmax}
+    if cand is not None:
+        out["cand_logit"] = cand
+    return out
+
+
+@torch.no_grad()
+def logits_grad_stats(grad: torch.Tensor, logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Per logits row of d loss / d logits: L2 norm, most negative coordinate and its index (the
+    effective target of a cross-entropy-like loss: softmax - onehot is negative only there), and
+    the logit at that index when the logits are still alive."""
+    B, T, V = grad.shape
+    gnorm = torch.empty(B, T, device=grad.device)
+    gmin = torch.empty_like(gnorm)
+    target = torch.empty(B, T, dtype=torch.long, device=grad.device)
+    for b in range(B):
+        g = grad[b].float()
+        gnorm[b] = torch.linalg.vector_norm(g, dim=-1)
+        gmin[b], target[b] = g.min(dim=-1)
+    out = {"grad_norm": gnorm, "grad_min": gmin, "target": target}
+    if logits is not None and tuple(logits.shape) == (B, T, V):
+        out["target_logit"] = logits.detach().gather(-1, target[..., None])[..., 0].float()
+    return out
+
+
+def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Move many small device tensors to the CPU with ONE transfer (one host sync)."""
+    items = [(k, t) for k, t in tensors.items() if t is not None]
+    if not items:
+        return {}
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for _, t in items]).cpu()
+    out, i = {}, 0
+    for k, t in items:
+        n = t.numel()
+        v = flat[i: i + n].reshape(t.shape)
+        out[k] = v.long() if not t.is_floating_point() and t.dtype != torch.bool else (v.bool() if t.dtype == torch.bool else v)
+        i += n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side analysis of one full step (small [B, T] CPU tensors)
+# ---------------------------------------------------------------------------------------------
+
+def target_classes(classes: torch.Tensor) -> torch.Tensor:
+    """[B, T] class of the position each logits row predicts: class[t + 1]; the last row keeps
+    its own position's class (nothing follows it)."""
+    return torch.cat([classes[:, 1:], classes[:, -1:]], dim=1)
+
+
+def analyze_tokens(fwd: dict[str, torch.Tensor], grad: dict[str, torch.Tensor], batch: Batch,
+                   tok: TokenizerInfo | None) -> dict[str, Any]:
+    """Per-class logit norm / entropy / loss / gradient, effective targets, argmax histogram."""
+    ids = batch.input_ids
+    B, T = ids.shape
+    out: dict[str, Any] = {}
+    have_grad = bool(grad)
+    supervised = torch.zeros(B, T, dtype=torch.bool)
+    grad_finite = torch.ones(B, T, dtype=torch.bool)
+    target = torch.full((B, T), -1, dtype=torch.long)
+    if have_grad:
+        gn = grad["grad_norm"]
+        grad_finite = torch.isfinite(gn)
+        # a row gets loss iff its logits gradient is non-zero (masked CE gives exactly 0)
+        supervised = grad_finite & (gn > 0)
+        target = torch.where(supervised, grad["target"], torch.full_like(grad["target"], -1))
+    # Classes: from the labels seen by the forward; without labels, from the gradient itself.
+    if batch.labels is None and have_grad:
+        eff = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+        eff[:, 1:] = torch.where(supervised[:, :-1], target[:, :-1], torch.full_like(target[:, :-1], IGNORE_INDEX))
+        cls_batch = Batch(input_ids=ids, attention_mask=batch.attention_mask, labels=eff, labels_source="gradient")
+        classes = classify(cls_batch, tok)
+        out["classes_source"] = "gradient"
+    else:
+        classes = classify(batch, tok)
+        out["classes_source"] = "labels" if batch.labels is not None else "none"
+    tcls = target_classes(classes)
+
+    # Per-token loss at the effective target: lse - logit[target].
+    token_loss = torch.full((B, T), float("nan"), dtype=torch.float64)
+    if have_grad and "lse" in fwd:
+        logit_t = torch.full((B, T), float("nan"), dtype=torch.float64)
+        if "target_logit" in grad:
+            logit_t = grad["target_logit"].double()
+        elif "cand_logit" in fwd:
+            cands = candidate_targets(ids, batch.labels, tok.pad_id if tok else None)
+            hit = cands == target[..., None]
+            any_hit = hit.any(-1)
+            first = hit.float().argmax(-1)
+            got = fwd["cand_logit"].gather(-1, first[..., None])[..., 0]
+            logit_t = torch.where(any_hit, got, logit_t)
+        token_loss = torch.where(supervised, fwd["lse"] - logit_t, token_loss)
+    out["token_loss"] = token_loss
+
+    # Per-token weight of the loss: for softmax cross-entropy, g[target] = w * (p - 1).
+    if have_grad:
+        p = torch.exp(-token_loss)
+        ok = supervised & torch.isfinite(p) & ((1 - p) > 1e-3)
+        w = (-grad["grad_min"] / (1 - p))[ok]
+        out["token_weight"] = float(w.median()) if w.numel() else None
+
+    by_class: dict[str, dict[str, Any]] = {}
+    for c in TokenClass:
+        m = tcls == int(c)
+        n = int(m.sum())
+        row: dict[str, Any] = {"tokens": n}
+        if n:
+            for key in ("logit_norm", "entropy"):
+                if key in fwd:
+                    v = fwd[key][m]
+                    v = v[torch.isfinite(v)]
+                    row[key] = float(v.mean()) if v.numel() else None
+            if have_grad:
+                sup = m & supervised
+                row["supervised"] = int(sup.sum())
+                lv = token_loss[sup]
+                lv = lv[torch.isfinite(lv)]
+                row["loss"] = float(lv.mean()) if lv.numel() else None
+                g = grad["grad_norm"][m & grad_finite]
+                row["grad_norm"] = float(torch.linalg.vector_norm(g.double())) if g.numel() else 0.0
+                row["grad_nonfinite"] = int((m & ~grad_finite).sum())
+        by_class[c.label] = row
+    out["by_class"] = by_class
+
+    if have_grad:
+        n_sup = int(supervised.sum())
+        cands = candidate_targets(ids, None, tok.pad_id if tok else None)
+        match = {}
+        for j, k in enumerate(OFFSETS):
+            match[str(k)] = round(float((supervised & (target == cands[..., j])).sum()) / max(n_sup, 1), 4)
+        match["pad"] = (round(float((supervised & (target == tok.pad_id)).sum()) / max(n_sup, 1), 4)
+                        if tok is not None and tok.pad_id is not None else None)
+        per_class = {c.label: int((supervised & (tcls == int(c))).sum()) for c in TokenClass}
+        tv = target[supervised]
+        common = torch.bincount(tv, minlength=1).topk(min(5, int(tv.max()) + 1)) if tv.numel() else None
+        out["targets"] = {
+            "supervised_positions": n_sup,
+            "match": match,
+            "supervised_by_class": per_class,
+            "grad_nonfinite_positions": int((~grad_finite).sum()),
+            "common_targets": ([{"token_id": int(i), "count": int(c)} for c, i in zip(common.values, common.indices) if c > 0]
+                               if common is not None else []),
+        }
+        out["supervised_tokens"] = n_sup
+        out["grad_positions_nonfinite"] = int((~grad_finite).sum())
+
+    # Non-finite logits and the argmax histogram, over real (non-pad) positions.
+    real = classes != int(TokenClass.PAD)
+    if "logit_norm" in fwd:
+        finite = torch.isfinite(fwd["logit_norm"])
+        n_real = int(real.sum())
+        bad = real & ~finite
+        out["logits"] = {
+            "positions": n_real,
+            "nonfinite_positions": int(bad.sum()),
+            "nonfinite_share": round(int(bad.sum()) / max(n_real, 1), 4),
+            "nonfinite_all_positions": int((~finite).sum()),
+            "rows": sorted({int(r) for r in (~finite).nonzero()[:, 0].tolist()})[:32],
+        }
+    if "argmax" in fwd:
+        am = fwd["argmax"][real]
+        n = int(am.numel())
+        if n:
+            counts = torch.bincount(am)
+            top = counts.topk(min(5, counts.numel()))
+            hist = [{"token_id": int(i), "count": int(c), "share": round(int(c) / n, 4)}
+                    for c, i in zip(top.values, top.indices) if c > 0]
+            if tok is not None:
+                for h in hist:
+                    h["text"] = tok.token_text(h["token_id"])
+            top_id = hist[0]["token_id"]
+            nxt = torch.cat([ids[:, 1:], torch.full((B, 1), -1, dtype=ids.dtype)], dim=1)[real]
+            at_top = real & (fwd["argmax"] == top_id)
+            top_nonfinite = int((at_top & ~torch.isfinite(fwd["logit_norm"])).sum()) if "logit_norm" in fwd else 0
+            out["argmax"] = {
+                "positions": n, "histogram": hist, "top_token": top_id, "top_share": hist[0]["share"],
+                "natural_share": round(float((nxt == top_id).sum()) / n, 4),  # how often it really comes next
+                "top_nonfinite_share": round(top_nonfinite / max(int(at_top.sum()), 1), 4),
+            }
+    # Token-view extras aligned like HF labels: value at position i comes from logits row i - 1.
+    def align(x: torch.Tensor, fill: float) -> torch.Tensor:
+        y = torch.full_like(x, fill)
+        y[:, 1:] = x[:, :-1]
+        return y
+    if have_grad:
+        out["sample_extra"] = {
+            "effective_target": align(target.masked_fill(~supervised, IGNORE_INDEX), IGNORE_INDEX),
+            "token_loss": align(token_loss.float(), float("nan")),
+            "grad_norm": align(grad["grad_norm"].float(), 0.0),
+        }
+    out["class_names"] = CLASS_NAMES
+    return out

@@ -1,0 +1,234 @@
+"""Preflight: run the probes on the first real batches of this pipeline with this model
+before any optimizer step, and (with --fix) repair what has a known remedy.
+
+A fail finding stops the run before it spends compute. `--fix` applies the remedy of each
+finding that has one, prints each change as a before -> after line, rebuilds the pipeline and
+runs preflight again to confirm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..findings import CheckResult, Finding
+from ..report import Report
+from .collate import IGNORE_INDEX
+from .pipeline import Pipeline, add_pad_token, build_pipeline, resize_embeddings, safe_dtype
+
+PREFLIGHT_BATCHES = 2  # the first micro-batches training will see, plus one mixed-length batch
+
+
+@dataclass
+class Change:
+    finding: str  # the finding id this change answers
+    what: str
+    before: str
+    after: str
+
+    def line(self) -> str:
+        return f"{self.what}: {self.before} -> {self.after}   (fixes {self.finding})"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"finding": self.finding, "what": self.what, "before": self.before, "after": self.after}
+
+
+# ---- checks on the whole recipe/dataset (the batch probes see only a few rows) ----------------
+
+def recipe_findings(pipe: Pipeline) -> list[Finding]:
+    """What the recipe itself says is unsafe, under the spec's finding ids."""
+    r, out = pipe.recipe, []
+    saved = pipe.saved_dtype
+    if pipe.dtype == "fp16" and saved == "bfloat16":
+        out.append(Finding(
+            id="precision-fp16-unsafe", severity="warn", level="step",
+            message="fp16 training requested for a checkpoint saved in bfloat16: its activations can exceed fp16's 65504 and turn into inf/NaN",
+            evidence={"requested_dtype": "float16", "checkpoint_dtype": saved},
+            fix="train in bf16 (GPU with bf16) or fp32; `sftdoctor train --fix` does this"))
+    if pipe.length_stats.get("truncated"):
+        lost = sum(1 for ex in pipe.train_examples if ex["labels"][-1] == IGNORE_INDEX or
+                   ex["input_ids"][-1] not in _stop_ids(pipe))
+        if lost:
+            out.append(Finding(
+                id="truncation-answer-lost", severity="fail", level="batch",
+                message=f"{lost} of {pipe.length_stats['rows']} rows were cut at max_length {r.max_length} and lost the end of their answer (the `#### N` line or EOS)",
+                evidence={"rows": pipe.length_stats["rows"], "truncated_rows": pipe.length_stats["truncated"], "answer_lost_rows": lost,
+                          "max_length": r.max_length, "longest_row": max(len(ex["input_ids"]) for ex in pipe.train_examples)},
+                fix="raise --max-length to fit the answers, or drop overlong rows (--overlong drop)"))
+    return out
+
+
+def _stop_ids(pipe: Pipeline) -> set[int]:
+    from .pipeline import stop_ids
+
+    return set(stop_ids(pipe.tokenizer, pipe.recipe.prompt_format))
+
+
+# ---- running the probes -----------------------------------------------------------------------
+
+def hints(pipe: Pipeline) -> dict[str, Any]:
+    return {
+        "max_length": pipe.recipe.max_length,
+        "prompt_supervised_on_purpose": not pipe.recipe.mask_prompt and not pipe.recipe.collator,
+        "compute_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[pipe.dtype],
+        "checkpoint_dtype": pipe.saved_dtype,
+        "answer_marker": "####",
+    }
+
+
+def run_preflight(pipe: Pipeline, *, global_batch: int, ignore: set[str] = frozenset(), batches: int = PREFLIGHT_BATCHES) -> Report:
+    """Probes on the first `batches` micro-batches in training order and on one batch of mixed
+    lengths (so padding is exercised), plus the recipe checks."""
+    from ..api import inspect_batch
+
+    report = Report(command="train")
+    shown_failure = False
+    checked = pipe.first_batches(batches, global_batch, pipe.recipe.seed) + [pipe.mixed_length_batch()]
+    for k, batch in enumerate(checked):
+        try:
+            # step probes (when available) run a forward+backward on this batch with no update
+            one = inspect_batch(batch, pipe.tokenizer, pipe.model, hints=hints(pipe), ignore=ignore, command="train")
+        except (TypeError, ValueError, KeyError) as e:  # a user collator returned something unusable
+            from ..errors import UserError
+
+            raise UserError(f"preflight could not read batch {k} from the collator ({type(e).__name__}: {e})") from None
+        for f in one.findings:
+            f.step = None
+        report.merge(one)
+        if k == 0 or (one.verdict == "fail" and not shown_failure):
+            # the token view shows the first batch, or the first batch that failed
+            shown_failure = one.verdict == "fail"
+            report.samples = one.samples
+            report.metrics["preflight_batch"] = one.metrics.get("batch", {})
+            report.metrics["token_classes"] = one.metrics.get("token_classes", {})
+            for key in ("tokenizer", "model"):
+                if key in one.metrics:
+                    report.metrics[key] = one.metrics[key]
+    own = [f for f in recipe_findings(pipe) if f.id not in ignore]
+    report.add(own)
+    report.record_checks(CheckResult(id=i, status="pass", level="batch") for i in ("precision-fp16-unsafe", "truncation-answer-lost")
+                         if i not in ignore and i not in {f.id for f in own})
+    report.record_checks(CheckResult(id=f.id, status=f.severity, level=f.level) for f in own)
+    return report
+
+
+# ---- remedies ---------------------------------------------------------------------------------
+
+def _use_builtin_collator(pipe: Pipeline, fid: str) -> list[Change]:
+    if not pipe.recipe.collator:
+        return []
+    before = pipe.recipe.collator
+    pipe.recipe = pipe.recipe.replace(collator=None)
+    return [Change(fid, "collator", before, "built-in (right padding; labels -100 on prompt and padding; attention_mask 1 on every real token)")]
+
+
+def _fix_prompt(pipe: Pipeline, fid: str) -> list[Change]:
+    changes = _use_builtin_collator(pipe, fid)
+    if not changes and not pipe.recipe.mask_prompt:
+        pipe.recipe = pipe.recipe.replace(mask_prompt=True)
+        changes = [Change(fid, "mask_prompt", "False", "True (only the answer and EOS are supervised)")]
+    return changes
+
+
+def _fix_eos(pipe: Pipeline, fid: str) -> list[Change]:
+    changes = _use_builtin_collator(pipe, fid)
+    if not pipe.recipe.append_eos:
+        pipe.recipe = pipe.recipe.replace(append_eos=True)
+        changes.append(Change(fid, "append_eos", "False", "True (each answer ends with a supervised EOS)"))
+    return changes
+
+
+def _fix_dtype(pipe: Pipeline, fid: str) -> list[Change]:
+    if pipe.dtype != "fp16":
+        return []
+    safe = safe_dtype()
+    pipe.recipe = pipe.recipe.replace(dtype=safe)
+    why = "bf16 keeps fp32's range" if safe == "bf16" else "no bf16 GPU here"
+    return [Change(fid, "dtype", "fp16", f"{safe} ({why})")]
+
+
+def _fix_truncation(pipe: Pipeline, fid: str) -> list[Change]:
+    r = pipe.recipe
+    longest = max(len(ex["input_ids"]) for ex in build_pipeline(r.replace(overlong="drop", max_length=1 << 30),
+                                                                  model_and_tokenizer=(pipe.tokenizer, pipe.model, pipe.saved_dtype),
+                                                                  rows=(pipe.train_rows, pipe.eval_rows, pipe.source)).train_examples)
+    limit = getattr(pipe.model.config, "max_position_embeddings", None) or longest
+    if longest <= limit:
+        pipe.recipe = r.replace(max_length=longest, overlong="drop")
+        return [Change(fid, "max_length", str(r.max_length), f"{longest} (fits every answer)")]
+    pipe.recipe = r.replace(overlong="drop", max_length=limit)
+    return [Change(fid, "overlong", "truncate", f"drop (rows longer than {limit} tokens are dropped and counted)")]
+
+
+def _fix_vocab(pipe: Pipeline, fid: str) -> list[Change]:
+    before = pipe.model.get_input_embeddings().weight.shape[0]
+    resize_embeddings(pipe.tokenizer, pipe.model)
+    after = pipe.model.get_input_embeddings().weight.shape[0]
+    return [Change(fid, "embedding rows", str(before), str(after))] if after != before else []
+
+
+def _fix_pad(pipe: Pipeline, fid: str) -> list[Change]:
+    if pipe.tokenizer.pad_token_id is not None and pipe.tokenizer.pad_token_id != pipe.tokenizer.eos_token_id:
+        return []
+    return [Change(fid, "pad token", "EOS", add_pad_token(pipe.tokenizer, pipe.model).split(": ", 1)[1])]
+
+
+def _fix_empty_rows(pipe: Pipeline, fid: str) -> list[Change]:
+    changes = _use_builtin_collator(pipe, fid)
+    if changes:
+        return changes
+    n = len(pipe.train_examples)
+    kept = [ex for ex in pipe.train_examples if any(x != IGNORE_INDEX for x in ex["labels"])]
+    if len(kept) == n:
+        return []
+    pipe.train_examples = kept
+    return [Change(fid, "training rows", str(n), f"{len(kept)} (rows with no supervised token dropped)")]
+
+
+REMEDIES: dict[str, Callable[[Pipeline, str], list[Change]]] = {
+    "labels-pad-not-ignored": _use_builtin_collator,
+    "attention-mask-hides-tokens": _use_builtin_collator,
+    "attention-rows-empty": _use_builtin_collator,
+    "labels-misaligned": _use_builtin_collator,
+    "position-ids-inconsistent": _use_builtin_collator,
+    "padding-side-left-train": _use_builtin_collator,
+    "packing-cross-contamination": _use_builtin_collator,
+    "grad-from-ignored-tokens": _use_builtin_collator,
+    "pad-is-eos-masked": _use_builtin_collator,
+    "labels-prompt-supervised": _fix_prompt,
+    "labels-eos-missing": _fix_eos,
+    "labels-no-supervised-tokens": _fix_empty_rows,
+    "truncation-answer-lost": _fix_truncation,
+    "token-id-out-of-range": _fix_vocab,
+    "pad-token-missing": _fix_pad,
+    "precision-fp16-unsafe": _fix_dtype,
+    "precision-overflow": _fix_dtype,
+    "precision-headroom": _fix_dtype,
+    "logits-nonfinite": _fix_dtype,
+    "loss-nonfinite": _fix_dtype,
+    "grad-nonfinite": _fix_dtype,
+    "loss-scale-skipped-steps": _fix_dtype,
+}
+
+
+def should_fix(f: Finding) -> bool:
+    """--fix repairs every fail finding with a remedy, and the warnings whose remedy is safe and
+    whose cost is silent damage (fp16 on a bf16 checkpoint, pad == EOS)."""
+    return f.id in REMEDIES and (f.severity == "fail" or f.id in ("precision-fp16-unsafe", "pad-token-missing", "labels-prompt-supervised"))
+
+
+def apply_fixes(pipe: Pipeline, report: Report) -> tuple[Pipeline, list[Change]]:
+    """Apply the remedies, then rebuild the pipeline from the changed recipe (same model and
+    tokenizer objects, same rows)."""
+    changes: list[Change] = []
+    for f in report.by_severity():
+        if should_fix(f):
+            changes += REMEDIES[f.id](pipe, f.id)
+    if not changes:
+        return pipe, changes
+    kept_examples = pipe.train_examples
+    rebuilt = build_pipeline(pipe.recipe, model_and_tokenizer=(pipe.tokenizer, pipe.model, pipe.saved_dtype),
+                             rows=(pipe.train_rows, pipe.eval_rows, pipe.source))
+    if any(c.what == "training rows" for c in changes):
+        rebuilt.train_examples = kept_examples
+    rebuilt.notes = pipe.notes + [n for n in rebuilt.notes if n not in pipe.notes]
+    return rebuilt, changes

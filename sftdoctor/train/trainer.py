@@ -1,0 +1,456 @@
+"""The recipe on top of HF `Trainer`: preflight, training, save, reload check, evaluation.
+
+    recipe -> pipeline -> preflight (--fix) -> Trainer.train -> save -> reload + checks -> eval -> report
+
+Only rank 0 prints and writes; every rank trains.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..findings import Finding
+from ..report import Report
+from .collate import WithExampleIds
+from .pipeline import Pipeline, build_pipeline, rank, stop_ids, world_size
+from .preflight import PREFLIGHT_BATCHES, apply_fixes, run_preflight
+from .recipe import Recipe
+
+STEPS_FILE = "steps.jsonl"  # one line per optimizer step: loss, lr, grad norm, example ids, tokens
+REPORT_FILE = "report.json"
+KILL_AT_STEP = "SFTDOCTOR_KILL_AT_STEP"  # test-only: SIGKILL this process right after logging that step
+
+# Peak dense bf16 FLOP/s of common GPUs, for model FLOPs utilisation (MFU).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12, "4090": 165e12}
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+# ---- the Trainer ------------------------------------------------------------------------------
+
+def make_trainer(pipe: Pipeline, output_dir: Path, *, on_step: Any, extra_callbacks: list | None = None):
+    import transformers
+
+    from .collate import LengthGroupedSampler
+
+    r = pipe.recipe
+    global_batch = r.batch_size * r.grad_accum * world_size()
+    lengths = pipe.lengths()
+
+    class RecipeTrainer(transformers.Trainer):
+        """HF Trainer with a deterministic length-grouped sampler and per-step example ids."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            # Same (seed, epoch) -> same order, so --resume can skip exactly the batches done.
+            return LengthGroupedSampler(lengths, global_batch, r.seed)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids = inputs.pop("example_ids", None)
+            if ids is not None:
+                on_step.seen(ids.tolist(), inputs)
+            # num_items_in_batch = supervised tokens of the whole accumulated batch on all ranks
+            # (Trainer.get_batch_samples); the model's loss is sum(token losses) / num_items_in_batch,
+            # so every supervised token weighs the same whatever its micro-batch.
+            on_step.num_items = num_items_in_batch
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    use_cuda = torch.cuda.is_available()
+    if pipe.dtype == "fp16" and not use_cuda:
+        raise UserError("--dtype fp16 needs a CUDA GPU (mixed precision with a loss scaler); use --dtype fp32 on the CPU")
+    if pipe.dtype == "bf16" and use_cuda and not torch.cuda.is_bf16_supported():
+        raise UserError("--dtype bf16: this GPU does not support bf16; use --dtype fp32")
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir / "checkpoints"),
+        per_device_train_batch_size=r.batch_size,
+        gradient_accumulation_steps=r.grad_accum,
+        learning_rate=r.learning_rate,
+        lr_scheduler_type={"constant": "constant_with_warmup"}.get(r.schedule, r.schedule),
+        warmup_steps=r.warmup_ratio,  # a float < 1 is a share of the total steps
+        weight_decay=r.weight_decay,
+        max_grad_norm=r.max_grad_norm,  # gradient clipping on the global norm
+        num_train_epochs=r.epochs,
+        logging_steps=1,
+        logging_nan_inf_filter=False,  # a NaN loss must be seen, not filtered out of the logs
+        save_strategy="steps" if r.save_every else "epoch",
+        save_steps=r.save_every or 500,
+        save_total_limit=3,
+        seed=r.seed,
+        bf16=pipe.dtype == "bf16",
+        fp16=pipe.dtype == "fp16",  # autocast fp16 with fp32 master weights and a GradScaler
+        use_cpu=not use_cuda,
+        report_to="none",
+        disable_tqdm=True,  # rich progress instead (rank 0)
+        remove_unused_columns=False,  # the collator needs prompt_length and id
+        dataloader_num_workers=0,
+        ddp_backend="gloo" if (world_size() > 1 and not use_cuda) else None,
+        average_tokens_across_devices=True,
+    )
+    trainer = RecipeTrainer(model=pipe.model, args=args, train_dataset=pipe.train_examples,
+                            data_collator=WithExampleIds(pipe.collate), callbacks=[on_step, *(extra_callbacks or [])])
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # steps.jsonl and the rich bar instead
+    if not trainer.model_accepts_loss_kwargs:  # never true for HF causal LMs today; kept honest
+        raise UserError(f"{type(pipe.model).__name__} does not accept num_items_in_batch; its loss would be averaged per micro-batch")
+    return trainer
+
+
+def step_logger_class():
+    from transformers import TrainerCallback
+
+    class StepLogger(TrainerCallback):
+        """Writes steps.jsonl (rank 0), counts tokens, stops on a non-finite loss, saves each epoch."""
+
+        def __init__(self, path: Path, report: Report, progress: Any, flops_per_token: float, peak_flops: float | None, save_each_epoch: bool):
+            self.path, self.report, self.progress = path, report, progress
+            self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+            self.save_each_epoch = save_each_epoch
+            self.ids: list[int] = []
+            self.supervised = self.tokens = 0
+            self.num_items = None
+            self.task = None
+            self.train_time = 0.0
+            self.total_supervised = self.total_tokens = 0
+            self.step_started = None
+            self.records: list[dict] = []
+
+        def seen(self, ids: list[int], inputs: dict) -> None:
+            self.ids += ids
+            self.supervised += int((inputs["labels"] != -100).sum())
+            self.tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
+            if self.step_started is None:
+                self.step_started = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kw):
+            if self.progress is not None:
+                self.task = self.progress.add_task("training", total=state.max_steps, completed=state.global_step)
+
+        def on_step_end(self, args, state, control, **kw):
+            elapsed = time.perf_counter() - (self.step_started or time.perf_counter())
+            self.step_started = None
+            ids, sup, tok = self.ids, self.supervised, self.tokens
+            if world_size() > 1 and torch.distributed.is_initialized():
+                gathered: list = [None] * world_size()
+                torch.distributed.all_gather_object(gathered, (ids, sup, tok))
+                ids = [i for g in gathered for i in g[0]]
+                sup, tok = sum(g[1] for g in gathered), sum(g[2] for g in gathered)
+            self.pending = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "example_ids": ids,
+                            "supervised_tokens": sup, "tokens": tok, "seconds": round(elapsed, 4)}
+            self.train_time += elapsed
+            self.total_supervised += sup
+            self.total_tokens += tok
+            self.ids, self.supervised, self.tokens = [], 0, 0
+            if self.save_each_epoch and state.epoch is not None and abs(state.epoch - round(state.epoch)) < 1e-9 and state.global_step:
+                control.should_save = True  # checkpoints each epoch also when saving every N steps
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if "loss" not in logs or not hasattr(self, "pending"):
+                return
+            rec = {**self.pending, "loss": logs["loss"], "grad_norm": logs.get("grad_norm"), "lr": logs.get("learning_rate")}
+            del self.pending
+            self.records.append(rec)
+            if not math.isfinite(float(rec["loss"])):
+                self.report.add([Finding(id="loss-nonfinite", severity="fail", level="step", step=rec["step"],
+                                         message=f"the training loss is {rec['loss']} at step {rec['step']}",
+                                         evidence={"step": rec["step"], "value": rec["loss"]},
+                                         fix="check the precision (fp16 on a bf16 checkpoint), the learning rate and rows with no supervised token")])
+                control.should_training_stop = True
+            if is_main():
+                with open(self.path, "a", encoding="utf-8") as f:  # an append-only log, one line per step
+                    f.write(json.dumps(rec) + "\n")
+                if os.environ.get(KILL_AT_STEP) == str(rec["step"]):  # fault injection for the resume test
+                    os.kill(os.getpid(), 9)
+                if self.progress is not None and self.task is not None:
+                    self.progress.update(self.task, completed=state.global_step,
+                                         description=f"training  loss {float(rec['loss']):.3f}")
+
+        def throughput(self) -> dict[str, Any]:
+            t = max(self.train_time, 1e-9)
+            m = {"train_seconds": round(self.train_time, 2), "tokens": self.total_tokens, "supervised_tokens": self.total_supervised,
+                 "tokens_per_s": round(self.total_tokens / t, 1), "supervised_tokens_per_s": round(self.total_supervised / t, 1)}
+            if self.peak_flops:
+                m["mfu"] = round(self.flops_per_token * self.total_tokens / t / (self.peak_flops * world_size()), 4)
+            return m
+
+    return StepLogger
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(model: Any) -> float:
+    """6 N per trained token (forward 2N + backward 4N), the usual estimate for MFU."""
+    return 6.0 * sum(p.numel() for p in model.parameters())
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+def prepare_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
+    out = Path(recipe.output_dir or time.strftime("runs/train-%Y%m%d-%H%M%S"))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output dir {out} is a file; pass a folder with --output-dir")
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        if not overwrite:
+            raise UserError(f"output dir {out} is not empty; pass --resume to continue that run, --overwrite to replace it, or another --output-dir")
+        if is_main():
+            import shutil
+
+            for child in ("checkpoints", "final", STEPS_FILE, REPORT_FILE):
+                p = out / child
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+    if world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return out
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ck = out / "checkpoints"
+    found = get_last_checkpoint(str(ck)) if ck.is_dir() else None
+    return Path(found) if found else None
+
+
+def trim_steps_log(out: Path, keep_through: int) -> int:
+    """On resume, steps after the checkpoint were not kept: drop their lines (they are redone)."""
+    path = out / STEPS_FILE
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= keep_through]
+    from ..atomic import write_atomic
+
+    write_atomic(path, "".join(ln + "\n" for ln in kept))
+    return len(lines) - len(kept)
+
+
+def set_threads(recipe: Recipe) -> int:
+    """CPU threads: --threads, else the cores not already busy (load average), split between
+    the local processes. Measured on a shared 2-core machine: with the cores busy, 2 threads
+    made a tiny model's step 10x slower than 1 thread (threads spin waiting for each other)."""
+    if torch.cuda.is_available():
+        return torch.get_num_threads()
+    if recipe.threads:
+        n = recipe.threads
+    else:
+        cores = os.cpu_count() or 1
+        idle = cores - os.getloadavg()[0] if hasattr(os, "getloadavg") else cores
+        n = max(1, min(8, int(idle)))
+        n = max(1, n // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(n)
+    return n
+
+
+def console(stderr: bool = True):
+    from rich.console import Console
+
+    return Console(stderr=stderr, soft_wrap=False)
+
+
+def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: bool = False, ignore: set[str] = frozenset(),
+        show_progress: bool = True, say=None) -> tuple[Report, Path]:
+    """Train per the recipe. Returns (report, output dir). The report's verdict is fail when
+    preflight refused the run or a probe stopped it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ..api import environment
+
+    main = is_main()
+    quiet_libraries()
+    err = console()
+    say = say or ((lambda text: err.print(text, highlight=False, markup=False)) if main else (lambda text: None))
+    threads = set_threads(recipe)
+    torch.manual_seed(recipe.seed)
+    out = prepare_output_dir(recipe, resume, overwrite)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=err, transient=True) if (main and show_progress) else None
+
+    report = Report(command="train", environment=environment())
+    report.metrics["recipe"] = recipe.to_dict()
+    report.environment["threads"] = threads
+    report.environment["world_size"] = world_size()
+
+    with (progress if progress is not None else _Null()):
+        pipe = build_pipeline(recipe, progress=progress)
+    say(f"data: {pipe.source}: {len(pipe.train_examples)} training rows, {len(pipe.eval_rows)} held out")
+    say(f"model: {recipe.model} ({sum(p.numel() for p in pipe.model.parameters()) / 1e6:.2f}M parameters); dtype {pipe.dtype} ({pipe.dtype_reason})")
+    for note in pipe.notes:
+        say(f"note: {note}")
+
+    # ---- preflight ------------------------------------------------------------------------
+    global_batch = recipe.batch_size * recipe.grad_accum * world_size()
+    pre = run_preflight(pipe, global_batch=global_batch, ignore=ignore)
+    preflight_info: dict[str, Any] = {"batches_checked": PREFLIGHT_BATCHES + 1, "findings": [f.id for f in pre.findings], "changes": [], "fixed": []}
+    if pre.verdict == "fail" or (fix and pre.findings):
+        if fix:
+            fixed_pipe, changes = apply_fixes(pipe, pre)
+            if changes:
+                say("preflight: --fix changed:")
+                for c in changes:
+                    say(f"  {c.line()}")
+                preflight_info["changes"] = [c.to_dict() for c in changes]
+                preflight_info["fixed"] = [f.to_dict() for f in pre.findings if f.id in {c.finding for c in changes}]
+                pipe = fixed_pipe
+                pre = run_preflight(pipe, global_batch=global_batch, ignore=ignore)
+                preflight_info["confirmed"] = pre.verdict != "fail"
+                say("preflight: re-run after the fixes: " + ("no fail finding" if pre.verdict != "fail" else "still failing"))
+        if pre.verdict == "fail":
+            report.merge(pre)
+            report.samples = pre.samples
+            report.metrics.update({k: v for k, v in pre.metrics.items()})
+            report.metrics["preflight"] = preflight_info
+            report.run = {"status": "refused", "stage": "preflight", "exit_code": 1,
+                          "message": "preflight found failures; nothing was trained" + ("" if fix else " (--fix repairs what it can)")}
+            _write_report(report, out)
+            return report, out
+    report.merge(pre)
+    report.samples = pre.samples
+    report.metrics.update({k: v for k, v in pre.metrics.items()})
+    report.metrics["preflight"] = preflight_info
+    report.metrics["recipe"] = pipe.recipe.to_dict()
+    report.metrics["data"] = {"source": pipe.source, "train_rows": len(pipe.train_examples), "eval_rows": len(pipe.eval_rows),
+                              **pipe.length_stats, "notes": pipe.notes}
+    recipe = pipe.recipe
+
+    # ---- training -------------------------------------------------------------------------
+    StepLogger = step_logger_class()
+    logger = StepLogger(out / STEPS_FILE, report, progress, flops_per_token(pipe.model), peak_flops(), bool(recipe.save_every))
+    trainer = make_trainer(pipe, out, on_step=logger)
+    doctor = _attach_probes(trainer, pipe.tokenizer, report, ignore)
+    resume_from = None
+    if resume:
+        resume_from = last_checkpoint(out)
+        if resume_from is None:
+            say(f"resume: no checkpoint in {out / 'checkpoints'}; starting from the beginning")
+        else:
+            step = json.loads((resume_from / "trainer_state.json").read_text())["global_step"]
+            dropped = trim_steps_log(out, step) if main else 0
+            say(f"resume: from {resume_from.name} (step {step}); {dropped} logged steps after it are redone")
+            report.run["resumed_from"] = str(resume_from)
+    if main and resume_from is None and (out / STEPS_FILE).exists():
+        (out / STEPS_FILE).unlink()
+    started = time.time()
+    with (progress if progress is not None else _Null()):
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if doctor is not None:
+        try:
+            report.merge(doctor.report())
+            doctor.detach()
+        except Exception as e:  # the attached probes must never take the run down
+            report.run["probe_error"] = f"{type(e).__name__}: {e}"
+    report.metrics["train"] = {**logger.throughput(), "steps": trainer.state.global_step, "wall_seconds": round(time.time() - started, 2),
+                               "final_loss": logger.records[-1]["loss"] if logger.records else None,
+                               "first_loss": logger.records[0]["loss"] if logger.records else None}
+    report.metrics["steps"] = [{k: rec[k] for k in ("step", "loss", "grad_norm", "lr")} for rec in _all_steps(out, logger)]
+    if report.verdict == "fail":
+        report.run = {**report.run, "status": "stopped", "stage": "training", "exit_code": 1,
+                      "message": "a probe found a failure during training; training stopped"}
+        if main:
+            _write_report(report, out)
+        return report, out
+
+    # ---- save, reload, check, evaluate (rank 0) --------------------------------------------
+    final = out / "final"
+    _configure_generation(pipe)
+    trainer.save_model(str(final))
+    if not main:
+        return report, out
+    pipe.tokenizer.save_pretrained(str(final))
+    say(f"saved: {final}")
+    from .checks import check_saved
+
+    model = check_saved(final, report, pipe, say)
+    if model is not None and pipe.eval_rows:
+        from .evaluate import evaluate
+
+        budget = recipe.max_new_tokens or max(32, int(1.5 * max(len(ex["input_ids"]) - ex["prompt_length"] for ex in pipe.train_examples)))
+        with (progress if progress is not None else _Null()):
+            report.metrics["eval"] = evaluate(model, pipe.tokenizer, pipe.eval_rows, prompt_format=recipe.prompt_format,
+                                              stop=stop_ids(pipe.tokenizer, recipe.prompt_format), max_new_tokens=budget,
+                                              batch_size=recipe.eval_batch_size, progress=progress)
+        ev = report.metrics["eval"]
+        say(f"eval: {ev['examples']} held-out problems: exact match {ev['accuracy']:.1%}, format {ev['format_rate']:.1%}, stop {ev['stop_rate']:.1%}")
+    t = report.metrics["train"]
+    say(f"train: {t['steps']} steps, loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}, {t['tokens_per_s']:.0f} tokens/s "
+        f"({t['supervised_tokens_per_s']:.0f} supervised)" + (f", MFU {t['mfu']:.1%}" if "mfu" in t else ""))
+    report.run = {**report.run, "status": "completed", "exit_code": 1 if report.verdict == "fail" else 0, "output_dir": str(out), "final_model": str(final)}
+    _write_report(report, out)
+    return report, out
+
+
+def _all_steps(out: Path, logger: Any) -> list[dict]:
+    """Every step of the run, also those logged before a resume (from steps.jsonl)."""
+    path = out / STEPS_FILE
+    if is_main() and path.is_file():
+        return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return logger.records
+
+
+def _configure_generation(pipe: Pipeline) -> None:
+    """The saved generation config stops on every token the model was trained to end with."""
+    stops = stop_ids(pipe.tokenizer, pipe.recipe.prompt_format)
+    gc = pipe.model.generation_config
+    gc.eos_token_id = stops if len(stops) > 1 else stops[0]
+    gc.pad_token_id = pipe.tokenizer.pad_token_id
+    pipe.model.config.eos_token_id = pipe.tokenizer.eos_token_id
+
+
+def _attach_probes(trainer: Any, tokenizer: Any, report: Report, ignore: set[str]):
+    """Keep the step/run probes attached during training (sftdoctor.attach, when present);
+    a fail finding stops training with the report."""
+    try:
+        from ..attach import attach
+    except ImportError:
+        return None
+
+    def on_finding(finding: Finding) -> None:
+        if finding.severity == "fail":
+            report.add([finding])
+            trainer.control.should_training_stop = True
+
+    try:
+        return attach(trainer, tokenizer, on_finding=on_finding, ignore=ignore)
+    except Exception as e:  # an unfinished probe module must not stop a healthy run
+        report.run["probe_error"] = f"attach: {type(e).__name__}: {e}"
+        return None
+
+
+def _write_report(report: Report, out: Path) -> None:
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        report.save(out / REPORT_FILE)
+
+
+def quiet_libraries() -> None:
+    """transformers' own tqdm bars and deprecation chatter would bury the run's output."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

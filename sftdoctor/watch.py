@@ -1,0 +1,353 @@
+"""`sftdoctor watch train.py`: run the user's unmodified script with sftdoctor attached.
+
+  - the first training forward of a causal LM: the batch probes run on that batch, and the step
+    probes are attached to the model (sftdoctor.attach), with the optimizer found in the script;
+  - an HF / TRL Trainer: attach(trainer) when train() is called (no callback for the user to add);
+  - model.save_pretrained / torch.save of a state dict: the saved weights are checked;
+  - model.generate: the outputs are checked (the `!!!!` symptom, never stopping).
+
+The report is always built, however the script ends (completed, crashed, sys.exit, Ctrl-C, or
+stopped by --fail-fast / --max-steps), and everything patched is restored.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from . import distributed
+from .findings import CheckResult, Finding
+from .intercept import (ForwardCatcher, Patches, StopScript, capture, complete_batch, find_in_frames, find_tokenizer,
+                        print_user_traceback, run_script, trainer_hints, _running_main_globals)
+from .live import LiveView
+from .report import Report
+
+CHECKPOINT_IDS = ("weights-nonfinite", "tied-weights-mismatch")
+GENERATION_IDS = ("generation-degenerate", "generation-never-stops")
+
+
+@dataclass
+class WatchOptions:
+    every: int = 50  # full step probes every N optimizer steps (after the first full_steps)
+    full_steps: int = 3
+    fail_fast: bool = False  # stop the script at the first fail finding
+    max_steps: int | None = None  # stop after this many optimizer steps
+    ignore: frozenset[str] = frozenset()
+    max_length: int | None = None
+
+
+class Watcher:
+    """Everything `watch` attaches to one run of the script, and the report it builds."""
+
+    def __init__(self, options: WatchOptions, view: LiveView | None = None):
+        from .api import environment
+
+        self.options = options
+        self.view = view or LiveView(plain=True, quiet=True)
+        self.rank = distributed.rank()
+        self.report = Report(command="watch", environment=environment())
+        self.doctors: list[Any] = []
+        self._attached: set[int] = set()  # id() of models with a Doctor
+        self._batch_done = False
+        self._tokenizer: Any = None
+        self._tokenizer_info: Any = None
+        self._patches = Patches()
+        self._catcher = ForwardCatcher(self._on_forward)
+        self._script_ns: dict[str, Any] = {}
+        self._stopping = False  # once True, callbacks never raise StopScript again
+        self._saving = False
+
+    # ---- running -------------------------------------------------------------------------------
+    def run(self, script: str | None, args: list[str], *, module: str | None = None) -> Report:
+        """Run the script with everything attached; return the finished report (report.run says
+        how the script ended)."""
+        from .intercept import resolve_script
+
+        target = resolve_script(script, module)
+        self.view.started(module and f"-m {module}" or target)
+        self.install()
+        try:
+            outcome = run_script(script, args, module=module, globals_out=self._script_ns)
+        finally:
+            self._stopping = True
+            self.finish()
+            self.uninstall()
+            self.view.close()
+        if outcome.status in ("crashed", "interrupted") and outcome.exception is not None:
+            print_user_traceback(outcome.exception)
+        self.report.run.update(outcome.to_run())
+        self.report.run["script"] = module or script
+        if self.rank is not None:
+            self.report.run["rank"] = self.rank
+        return self.report
+
+    def install(self) -> None:
+        from transformers import PreTrainedModel
+
+        self._catcher.install(self._patches)
+        self._patch_method(PreTrainedModel, "save_pretrained", self._after_save_pretrained)
+        try:
+            from transformers.generation import GenerationMixin
+
+            self._patch_method(GenerationMixin, "generate", self._after_generate)
+        except ImportError:
+            pass
+        try:
+            from transformers import Trainer
+
+            original_train = Trainer.train
+            watcher = self
+
+            def train(trainer, *args, **kwargs):
+                watcher._attach_trainer(trainer)
+                return original_train(trainer, *args, **kwargs)
+
+            self._patches.set(Trainer, "train", train)
+        except ImportError:
+            pass
+        original_save = torch.save
+        watcher = self
+
+        def save(obj, f, *args, **kwargs):
+            result = original_save(obj, f, *args, **kwargs)
+            if isinstance(obj, Mapping) and not watcher._saving:
+                watcher._check_saved(obj, None, str(f) if isinstance(f, (str, bytes)) or hasattr(f, "__fspath__") else "<file>")
+            return result
+
+        self._patches.set(torch, "save", save)
+
+    def uninstall(self) -> None:
+        for doctor in self.doctors:
+            try:
+                doctor.detach()
+            except Exception:
+                pass
+        self._patches.restore()
+
+    def _patch_method(self, owner: type, name: str, after) -> None:
+        original = getattr(owner, name)
+        watcher = self
+
+        def patched(obj, *args, **kwargs):
+            result = original(obj, *args, **kwargs)
+            if not watcher._saving:
+                after(obj, args, kwargs, result)
+            return result
+
+        patched.__wrapped__ = original
+        self._patches.set(owner, name, patched)
+
+    # ---- the first forward, and every forward's cheap check ------------------------------------------
+    def _on_forward(self, model, args, kwargs, frame) -> None:
+        if not torch.is_grad_enabled():
+            return  # evaluation / generate(): not a training step
+        if self.options.max_steps is not None and not self._stopping:
+            if any(d.optimizer_steps >= self.options.max_steps for d in self.doctors):
+                self._stop(f"--max-steps {self.options.max_steps} reached")
+        if self._batch_done and id(model) in self._attached:
+            return
+        script_globals = self._script_ns.get("globals") or _running_main_globals()
+        fw = capture(model, args, kwargs, frame)
+        if self._tokenizer is None:
+            self._tokenizer = find_tokenizer(frame, script_globals)
+        if id(model) not in self._attached:
+            optimizer = find_in_frames(frame, torch.optim.Optimizer, script_globals)
+            self._attach(model, self._tokenizer, optimizer=optimizer)
+        if not self._batch_done:
+            self._batch_done = True
+            hints = trainer_hints(frame, script_globals)
+            if self.options.max_length:
+                hints["max_length"] = self.options.max_length
+            self._inspect_first_batch(fw, hints)
+
+    def _inspect_first_batch(self, fw, hints: dict[str, Any]) -> None:
+        from .api import inspect_batch
+        from .context import ModelInfo
+
+        batch, labels_from = complete_batch(fw)
+        if "input_ids" not in batch:
+            return
+        # ModelInfo, not the model: the step probes run on the real steps (attach), not on a copy
+        first = inspect_batch(batch, self._tokenizer, ModelInfo.from_model(fw.model), hints=hints,
+                              ignore=self.options.ignore, command="watch")
+        for f in first.findings:
+            f.rank = self.rank
+        self.report.record_checks(first.checks)
+        self.report.metrics.update(first.metrics)
+        self.report.samples = first.samples
+        self.report.run["first_forward"] = {"caller": fw.caller, "model": type(fw.model).__name__,
+                                            "labels_from": labels_from}
+        self._add(first.findings)
+
+    # ---- attaching the step probes -------------------------------------------------------------------
+    def _attach(self, model, tokenizer, *, optimizer=None, trainer=None) -> None:
+        from .attach import attach
+
+        target = trainer if trainer is not None else model
+        doctor = attach(target, tokenizer, optimizer=optimizer, every=self.options.every,
+                        full_steps=self.options.full_steps, ignore=self.options.ignore,
+                        on_finding=self._on_doctor_finding, on_step=self._on_step, command="watch", rank=self.rank)
+        self.doctors.append(doctor)
+        self._attached.add(id(doctor.model))
+        if self._tokenizer_info is None:
+            self._tokenizer_info = doctor.tokenizer
+
+    def _attach_trainer(self, trainer) -> None:
+        if id(trainer.model) in self._attached:
+            return
+        tokenizer = getattr(trainer, "processing_class", None) or self._tokenizer
+        if self._tokenizer is None:
+            self._tokenizer = tokenizer
+        self._attach(trainer.model, tokenizer, trainer=trainer)
+
+    # ---- callbacks from the Doctor (safe points: raising here reaches the script) ------------------
+    def _on_doctor_finding(self, finding: Finding) -> None:
+        self._add([finding], already_new=True)
+
+    def _on_step(self, row: dict[str, Any]) -> None:
+        steps = max((d.optimizer_steps for d in self.doctors), default=0)
+        self.view.step(row, steps)
+
+    def _add(self, findings: Iterable[Finding], *, already_new: bool = False) -> None:
+        new = self.report.add(findings)
+        for f in new:
+            self.view.finding(f)
+        if self.options.fail_fast and not self._stopping:
+            fails = [f for f in new if f.severity == "fail"]
+            if fails:
+                self._stop(f"--fail-fast: {fails[0].id}")
+
+    def _stop(self, reason: str) -> None:
+        self._stopping = True
+        self.report.run["stopped_by"] = reason
+        raise StopScript(reason)
+
+    # ---- saved weights and generations ---------------------------------------------------------------
+    def _after_save_pretrained(self, model, args, kwargs, result) -> None:
+        where = str(args[0] if args else kwargs.get("save_directory", "?"))
+        self._check_saved(model.state_dict(), getattr(model, "config", None), where)
+
+    def _check_saved(self, state: Mapping, config: Any, where: str) -> None:
+        if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            return  # an optimizer state or a mixed dict: not weights
+        try:
+            from .checkpoint import check_state_dict
+        except ImportError:
+            return
+        self._saving = True
+        try:
+            found = check_state_dict(state, config)
+        except Exception:
+            return
+        finally:
+            self._saving = False
+        step = self._micro_step()
+        for f in found:
+            f.step, f.rank = step, self.rank
+        ids = CHECKPOINT_IDS if config is not None else CHECKPOINT_IDS[:1]
+        self.report.record_checks(CheckResult(i, _status(found, i), None, "checkpoint") for i in ids)
+        self.report.metrics.setdefault("saves", []).append(
+            {"path": where, "tensors": len(state), "step": step, "findings": [f.id for f in found]})
+        self.view.note(f"checked the weights saved to {where}: " + (", ".join(f.id for f in found) or "finite"))
+        self._add(found)
+
+    def _after_generate(self, model, args, kwargs, result) -> None:
+        try:
+            from .checkpoint import check_generation_outputs
+            from .context import TokenizerInfo
+        except ImportError:
+            return
+        prompts = kwargs.get("input_ids", args[0] if args else None)
+        sequences = result if isinstance(result, torch.Tensor) else getattr(result, "sequences", None)
+        if not isinstance(prompts, torch.Tensor) or not isinstance(sequences, torch.Tensor) or prompts.dim() != 2:
+            return
+        info = self._tokenizer_info
+        if info is None:
+            tok = self._tokenizer or find_tokenizer(None, self._script_ns.get("globals") or _running_main_globals())
+            info = TokenizerInfo.from_tokenizer(tok) if tok is not None else None
+        if info is None:
+            return
+        max_new = kwargs.get("max_new_tokens") or getattr(getattr(model, "generation_config", None), "max_new_tokens", None)
+        self._saving = True  # our own forward below must not be taken for a training step
+        try:
+            nonfinite = self._logits_nonfinite(model, prompts, kwargs.get("attention_mask"))
+            found = check_generation_outputs(prompts.tolist(), sequences.tolist(), info, max_new_tokens=max_new,
+                                             logits_nonfinite=nonfinite)
+        except Exception:
+            return
+        finally:
+            self._saving = False
+        step = self._micro_step()
+        for f in found:
+            f.step, f.rank = step, self.rank
+        self.report.record_checks(CheckResult(i, _status(found, i), None, "checkpoint") for i in GENERATION_IDS)
+        self.report.metrics.setdefault("generations", []).append(
+            {"prompts": int(prompts.shape[0]), "step": step, "findings": [f.id for f in found]})
+        self._add(found)
+
+    def _logits_nonfinite(self, model, prompts, attention_mask) -> bool | None:
+        try:
+            self._catcher.busy = True
+            with torch.no_grad():
+                logits = model(input_ids=prompts, attention_mask=attention_mask).logits
+            return not bool(torch.isfinite(logits[:, -1]).all())
+        except Exception:
+            return None
+        finally:
+            self._catcher.busy = False
+
+    def _micro_step(self) -> int | None:
+        return max((len(d.records) for d in self.doctors), default=None)
+
+    # ---- the end ---------------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Collect every Doctor's report into self.report (callbacks can no longer stop anything)."""
+        for doctor in self.doctors:
+            doctor.on_step = None
+            doctor.on_finding = lambda f: None  # run probes at the end: added below, printed once
+            try:
+                doctor.detach()  # observes a micro-step still pending (e.g. the script died in backward)
+                part = doctor.report()
+            except Exception:
+                continue
+            new = self.report.add(part.findings)
+            for f in new:
+                self.view.finding(f)
+            self.report.record_checks(part.checks)
+            for k, n in part.repeats.items():
+                self.report.repeats[k] = self.report.repeats.get(k, 0) + n
+            for k, v in part.metrics.items():
+                self.report.metrics.setdefault(k, v)
+            if not self.report.samples and part.samples:
+                self.report.samples = part.samples
+        if not self._batch_done:
+            self.report.run["note"] = "no training forward of a causal LM was seen"
+
+
+def _status(found: list[Finding], finding_id: str) -> str:
+    sev = [f.severity for f in found if f.id == finding_id and f.severity in ("fail", "warn")]
+    return "fail" if "fail" in sev else ("warn" if sev else "pass")
+
+
+def exit_code(report: Report) -> int:
+    """The script's exit code when the script failed (exception 1, sys.exit(n) n, Ctrl-C 130),
+    else 1 when a fail finding was found, else 0."""
+    run = report.run
+    status, code = run.get("status"), run.get("exit_code") or 0
+    if status in ("crashed", "interrupted") or (status == "exited" and code != 0):
+        return int(code) if isinstance(code, int) else 1
+    return 1 if report.verdict == "fail" else 0
+
+
+def watch(script: str | None, args: list[str], *, module: str | None = None, options: WatchOptions | None = None,
+          view: LiveView | None = None) -> Report | None:
+    """Run the script under watch; return the (rank 0: merged) report, or None on other ranks."""
+    watcher = Watcher(options or WatchOptions(), view)
+    report = watcher.run(script, args, module=module)
+    return distributed.gather(report)
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
