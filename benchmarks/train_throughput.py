@@ -6,7 +6,7 @@ Same tiny model (same init), same GSM8K rows, same tokenizer, same batch size, l
 epoch, on the CPU with one thread. The plain recipe is what most scripts do: DataCollatorForSeq2Seq
 (dynamic padding to the longest row of each random batch, labels padded with -100) and the
 default random sampler. Ours adds length-grouped batches (LengthGroupedSampler) and the rest of
-the recipe (per-step logging, example ids). Runs are interleaved (plain, ours, plain, ours, ...)
+the recipe (per-step logging, example ids, the step probes attached at their default sampling). Runs are interleaved (plain, ours, plain, ours, ...)
 so that load from other processes hits both alike; each figure is the median over rounds.
 
 "Final loss" is the token-mean loss on held-out rows after training (same rows for both), so a
@@ -63,7 +63,7 @@ def run_plain(pipe, init_state, out: Path) -> tuple[float, int]:
 
 def run_ours(pipe, init_state, out: Path) -> tuple[float, object]:
     from sftdoctor.report import Report
-    from sftdoctor.train.trainer import flops_per_token, make_trainer, step_logger_class
+    from sftdoctor.train.trainer import _attach_probes, flops_per_token, make_trainer, step_logger_class
 
     pipe = copy.copy(pipe)
     pipe.model = copy.deepcopy(pipe.model)
@@ -71,9 +71,13 @@ def run_ours(pipe, init_state, out: Path) -> tuple[float, object]:
     logger = step_logger_class()(out / "steps.jsonl", Report(command="train"), None, flops_per_token(pipe.model), None, False)
     trainer = make_trainer(pipe, out, on_step=logger)
     trainer.args.save_strategy = "no"  # as the plain run: time the training loop only
+    doctor = _attach_probes(trainer, pipe.tokenizer, Report(command="train"), set())  # the probes stay attached, as in `sftdoctor train`
     t0 = time.perf_counter()
     trainer.train()
-    return time.perf_counter() - t0, pipe.model
+    seconds = time.perf_counter() - t0
+    if doctor is not None:
+        doctor.detach()
+    return seconds, pipe.model
 
 
 def main(argv=None) -> int:

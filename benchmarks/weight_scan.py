@@ -2,8 +2,9 @@
 
 Writes random bf16 weights shaped like a 0.5B model's largest tensors into a temporary folder
 (deleted afterwards), then compares:
-  - scan speed against a plain sequential read of the same file (both warm page cache; and cold
-    too when the page cache can be dropped, which needs root and a writable /proc/sys/vm);
+  - scan speed against a plain sequential read of the same file, cold (the file evicted from the
+    page cache with posix_fadvise DONTNEED before each run) and warm; and against the reduction
+    alone (aminmax over as many values already in memory);
   - peak memory (ru_maxrss) of a child process that only imports sftdoctor and scans, against a
     child that only imports it, and against the checkpoint size.
 
@@ -56,14 +57,19 @@ def write_checkpoint(folder: Path, gib: float) -> Path:
     return path
 
 
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
-        return True
-    except OSError:
+def evict(path: Path) -> bool:
+    """Drop this one file from the page cache (its pages are clean after fsync), so a read hits the
+    disk; unlike /proc/sys/vm/drop_caches it needs no root and leaves torch's own code pages cached,
+    which would otherwise be faulted back in during the timed scan."""
+    if not hasattr(os, "posix_fadvise"):
         return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return True
 
 
 def plain_read(path: Path) -> float:
@@ -77,19 +83,31 @@ def plain_read(path: Path) -> float:
 
 CHILD = """
 import resource, sys, time, json
+import torch
+torch.set_num_threads(int(sys.argv[3]))
 from sftdoctor.checkpoint import scan_weights
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+scan = None
 t0 = time.perf_counter()
-scan = scan_weights(sys.argv[1]) if sys.argv[2] == "scan" else None
+if sys.argv[2] == "scan":
+    scan = scan_weights(sys.argv[1])
+elif sys.argv[2] == "reduce":  # the arithmetic alone: aminmax over as many bf16 values, already in memory
+    x = torch.randn(1 << 22).to(torch.bfloat16)
+    t0 = time.perf_counter()
+    for _ in range(int(sys.argv[4]) // x.numel()):
+        torch.aminmax(x)
 dt = time.perf_counter() - t0
 print(json.dumps({"seconds": dt, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "import_maxrss_kib": base, "tensors": len(scan.weights) if scan else 0}))
 """
 
 
-def child(folder: Path, what: str) -> dict:
-    env = dict(os.environ)
-    out = subprocess.run([sys.executable, "-c", CHILD, str(folder), what], capture_output=True, text=True, env=env, check=True)
+THREADS = 1  # torch threads in the scan child (--threads)
+
+
+def child(folder: Path, what: str, values: int = 0) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(folder), what, str(THREADS), str(values)],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -98,8 +116,12 @@ def main() -> None:
     ap.add_argument("--gib", type=float, default=1.1, help="checkpoint size in GiB (default 1.1)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--keep", metavar="DIR", help="write the checkpoint here and keep it (default: a temp dir, deleted)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the scan (default 1: the scan overlaps one "
+                    "reader thread with one reducing thread)")
     ap.add_argument("--write-only", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
     if args.write_only:
         write_checkpoint(Path(args.write_only), args.gib)
         return
@@ -116,29 +138,38 @@ def main() -> None:
         print(f"checkpoint: {size / 1e9:.2f} GB ({size / (1 << 30):.2f} GiB) written in {time.perf_counter() - t0:.1f} s")
 
         results = {"bytes": size}
-        if drop_caches():
-            cold_read = plain_read(path)
-            drop_caches()
-            cold_scan = child(folder, "scan")
-            results["cold"] = {"read_gbps": size / cold_read / 1e9, "scan_gbps": size / cold_scan["seconds"] / 1e9}
-            print(f"cold cache: plain read {size / cold_read / 1e9:.2f} GB/s, scan {size / cold_scan['seconds'] / 1e9:.2f} GB/s "
-                  f"(scan/read speed {cold_read / cold_scan['seconds']:.2f})")
+        if evict(path):
+            cold_reads, cold_scans = [], []
+            for _ in range(args.repeats):  # alternate, so both see the same disk and machine load
+                evict(path)
+                cold_reads.append(plain_read(path))
+                evict(path)
+                cold_scans.append(child(folder, "scan")["seconds"])
+            cold_read, cold_scan = sorted(cold_reads)[len(cold_reads) // 2], sorted(cold_scans)[len(cold_scans) // 2]
+            results["cold"] = {"read_gbps": size / cold_read / 1e9, "scan_gbps": size / cold_scan / 1e9,
+                               "scan_speed_over_read": cold_read / cold_scan}
+            print(f"cold cache (median of {args.repeats}): plain read {size / cold_read / 1e9:.2f} GB/s, "
+                  f"scan {size / cold_scan / 1e9:.2f} GB/s (scan runs at {cold_read / cold_scan:.0%} of the read speed)")
         else:
-            print("cold cache: not measured (cannot write /proc/sys/vm/drop_caches here)")
+            print("cold cache: not measured (no posix_fadvise here)")
 
         plain_read(path)  # warm the page cache
         reads = [plain_read(path) for _ in range(args.repeats)]
         scans = [child(folder, "scan") for _ in range(args.repeats)]
         idle = child(folder, "import")
+        reduce_s = min(child(folder, "reduce", size // 2)["seconds"] for _ in range(args.repeats))
         read_s = min(reads)
         scan_s = min(s["seconds"] for s in scans)
         peak = max(s["maxrss_kib"] for s in scans) * 1024
         base = idle["maxrss_kib"] * 1024
-        results["warm"] = {"read_gbps": size / read_s / 1e9, "scan_gbps": size / scan_s / 1e9, "scan_over_read": scan_s / read_s}
+        results["warm"] = {"read_gbps": size / read_s / 1e9, "scan_gbps": size / scan_s / 1e9, "scan_over_read": scan_s / read_s,
+                           "reduce_only_gbps": size / reduce_s / 1e9, "scan_over_bound": scan_s / max(read_s, reduce_s)}
         results["memory"] = {"scan_peak_rss": peak, "import_only_rss": base, "scan_extra": peak - base,
                              "peak_over_checkpoint": peak / size}
         print(f"warm cache: plain read {size / read_s / 1e9:.2f} GB/s ({read_s:.2f} s), "
               f"scan {size / scan_s / 1e9:.2f} GB/s ({scan_s:.2f} s): scan takes {scan_s / read_s:.2f}x the plain read")
+        print(f"the reduction alone (aminmax, {THREADS} thread(s), data in memory) runs at {size / reduce_s / 1e9:.2f} GB/s: "
+              f"the scan takes {scan_s / max(read_s, reduce_s):.2f}x max(read, reduce)")
         print(f"peak RSS of a scan-only child: {peak / 1e6:.0f} MB (import only: {base / 1e6:.0f} MB; scan adds "
               f"{(peak - base) / 1e6:.0f} MB) = {peak / size:.1%} of the {size / 1e9:.2f} GB checkpoint")
         print(json.dumps(results))

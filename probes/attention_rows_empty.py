@@ -29,7 +29,8 @@ def check(ctx) -> list[Finding]:
     return [Finding(
         id=id, severity="warn", level=level,
         message=(f"{n} real-token query positions in {len(spans)} rows see no key (attention_mask is 0 on every "
-                 "position up to them): uniform attention in eager kernels, NaN in some SDPA kernels"),
+                 "position up to them, so they are also hidden: see attention-mask-hides-tokens): uniform attention "
+                 "in eager kernels, NaN in some SDPA kernels"),
         evidence={
             "positions": n,
             "rows": rows_of(empty.any(dim=1)),

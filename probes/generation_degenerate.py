@@ -43,7 +43,7 @@ def check(ctx) -> list[Finding]:
             f.fix = (f"the model is finite in float32 but not in {rec.generation_dtype}: serve it in bfloat16 or float32 "
                      "(torch_dtype='auto' for a bf16-trained model), or use attn_implementation='sdpa'")
         else:
-            ev["cause"] = "activations-nonfinite"
+            ev["cause"] = "nonfinite-in-float32"  # finite weights, but not finite even in fp32
     if rec.base is not None:
         base_found = _degenerate(rec.base, tok)
         ev["base_degenerate"] = bool(base_found)

@@ -1,7 +1,8 @@
 """Completion-only SFT supervises the answer, not the prompt. Supervised prompt tokens spend the
 loss on the question (weaker fine-tune, models that echo prompts).
 
-The prompt/response boundary comes from hints["prompt_lengths"] when an adapter knows it;
+The prompt/response boundary comes from hints["prompt_lengths"] (per row, the number of prompt
+tokens from the row's first real token) when an adapter knows it;
 otherwise from a response marker found in the row (the chat template's assistant header,
 hints["response_template"], or a text marker such as "Answer:" / "### Response:"); otherwise,
 rows whose labels copy every input id are reported as "no completion-only masking"."""
@@ -39,10 +40,21 @@ def _encodings(tok, text: str) -> list[list[int]]:
     return [list(s) for s in out if s]
 
 
+_MARKERS: dict[tuple, list] = {}  # (tokenizer, response_template) -> marker token sequences
+_HEADERS: dict[tuple, str | None] = {}  # (chat template, tokenizer) -> its assistant header: rendering is slow
+
+
 def _template_header(tok) -> str | None:
     """The assistant header the chat template writes before an answer (its generation prompt)."""
     if not tok.chat_template or tok.apply_chat_template is None:
         return None
+    key = (tok.chat_template, tok.class_name, tok.name_or_path, tok.eos_token)
+    if key not in _HEADERS:
+        _HEADERS[key] = _render_header(tok)
+    return _HEADERS[key]
+
+
+def _render_header(tok) -> str | None:
     try:
         msgs = [{"role": "user", "content": "x"}]
         with_prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -68,13 +80,16 @@ def markers(ctx) -> list[tuple[str, list[int]]]:
     given = ctx.hints.get("response_template")
     if isinstance(given, (list, tuple)) and all(isinstance(i, int) for i in given):
         return [(str(given), list(given))]
-    if isinstance(given, str):
-        texts.append(given)
-    header = _template_header(tok)
-    if header:
-        texts.append(header)
-    texts.extend(TEXT_MARKERS)
-    return [(t, seq) for t in texts for seq in _encodings(tok, t)]
+    key = (tok.chat_template, tok.class_name, tok.name_or_path, tok.vocab_len, given if isinstance(given, str) else None)
+    if key not in _MARKERS:
+        if isinstance(given, str):
+            texts.append(given)
+        header = _template_header(tok)
+        if header:
+            texts.append(header)
+        texts.extend(TEXT_MARKERS)
+        _MARKERS[key] = [(t, seq) for t in texts for seq in _encodings(tok, t)]
+    return _MARKERS[key]
 
 
 def _prompt_region(ctx, real, first_real) -> tuple[torch.Tensor, str, str | None]:

@@ -41,6 +41,10 @@ def check(ctx) -> list[Finding]:
             ev["weights_over_fp16_limit"] = [w["name"] for w in rec.weights if (w["max_abs"] or 0) > FP16_MAX][:8]
         if rec.base is not None and dtype in rec.base.forward:
             ev["base_overflows"] = _broken(rec.base.forward[dtype])
+            # how much the fine-tune moved the weights of the module where the overflow starts
+            prefix = (start or module or "") + "."
+            ev["weight_change_at_module"] = [{"name": c["name"], "relative_change": c["relative_change"]}
+                                             for c in rec.weight_change if c["name"].startswith(prefix)]
         served = bool(f.get("served"))
         where = f" from {start or module}" if (start or module) else ""
         msg = (f"finite in float32 but {'overflows' if served else 'would overflow'} in {dtype}{where} "

@@ -34,7 +34,7 @@ def check(ctx) -> list[Finding]:
     return [Finding(
         id=id, severity="fail", level=level,
         message=(f"{row['phase']} output of {row['module']} is non-finite in {row['dtype']} "
-                 f"(limit {row['limit']:g})" + (f"; the step before peaked at {prev['max_abs']:.3g}" if prev else "")),
+                 f"(limit {row['limit']:g})" + (f"; the module called before it peaked at {prev['max_abs']:.3g}" if prev else "")),
         evidence={"step": r.step, "module": row["module"], "phase": row["phase"], "value": row["max_abs"],
                   "dtype": row["dtype"], "limit": row["limit"],
                   "previous_module": prev["module"] if prev else None,

@@ -36,18 +36,16 @@ def check(ctx) -> list[Finding]:
     marker_missing = None
     texts = _supervised_texts(ctx, sup)
     if texts is not None and any(marker in t for t in texts):  # the data has a final-answer line
-
         marker_missing = torch.tensor([marker not in t for t in texts])
-    lost = at_limit & sup.any(dim=1)
-    reason = None
     if eos_missing is not None and marker_missing is not None:
-        reason = eos_missing | marker_missing
+        reason = eos_missing | marker_missing  # [B] the end of the answer is not there
     else:
         reason = eos_missing if eos_missing is not None else marker_missing
     if reason is None:
         return []
-    lost &= reason
-    if length_limit(ctx) is None and bool((reason & ~at_limit & sup.any(dim=1)).any()):
+    has_sup = sup.any(dim=1)
+    lost = at_limit & has_sup & reason
+    if length_limit(ctx) is None and bool((reason & ~at_limit & has_sup).any()):
         # Without a known max_length, full-width rows are only suspects: when padded rows lack the
         # EOS/answer too, the cause is not truncation (labels-eos-missing says what it is).
         return []

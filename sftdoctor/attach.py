@@ -15,6 +15,7 @@ reaches the user's script.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import traceback
 import weakref
@@ -55,6 +56,7 @@ class _Pending:
     backward_seen: bool = False
     forward_done: bool = False
     autocast_dtype: str | None = None
+    logits_module: str = "logits"  # name of the module whose output is the logits (lm_head)
 
 
 class Doctor:
@@ -84,6 +86,7 @@ class Doctor:
         self._report = Report(command=command, environment=environment())
         self._named_params = list(model.named_parameters())
         self._param_ids = {id(p) for _, p in self._named_params}
+        optimizer = _unwrap_optimizer(optimizer)
         self._opt_ref = weakref.ref(optimizer) if optimizer is not None else None
         self._micro = 0
         self._pending: _Pending | None = None
@@ -100,7 +103,16 @@ class Doctor:
         self._trainer = None
         self._callback = None
         self._detached = False
-        self._collector = hooks.ActivationCollector(model)
+        out_emb = None
+        try:
+            out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        except Exception:
+            out_emb = None
+        self._collector = hooks.ActivationCollector(model, out_emb if isinstance(out_emb, torch.nn.Module) else None)
+        try:
+            self._signature = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            self._signature = None
         self._handles = [
             model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
             model.register_forward_hook(self._on_forward_end, with_kwargs=True),
@@ -158,18 +170,29 @@ class Doctor:
 
     # ---- forward ------------------------------------------------------------------------------
     def _on_forward_start(self, module, args, kwargs):
-        if self._detached or self._in_forward or not torch.is_grad_enabled():
+        if self._detached or not torch.is_grad_enabled():
             return None
+        if self._in_forward:  # the previous forward raised before returning: drop what it started
+            self._in_forward = False
+            self._pending = None
+            self._collector.forward_on = self._collector.backward_on = False
+            self._collector.take()
         if self._pending is not None:
             self._finalize_pending()  # safe point: the previous micro-step is complete
         full = self._should_be_full()
         pend = _Pending(step=self._micro, full=full)
         self._micro += 1
-        ids = kwargs.get("input_ids")
+        named = dict(kwargs)
+        if args and self._signature is not None:
+            try:  # positional arguments by the forward's own parameter names
+                named = dict(self._signature.bind_partial(*args, **kwargs).arguments)
+            except TypeError:
+                pass
+        ids = named.get("input_ids")
         if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             ids = args[0]
-        labels = kwargs.get("labels")
-        am = kwargs.get("attention_mask")
+        labels = named.get("labels")
+        am = named.get("attention_mask")
         if not isinstance(labels, torch.Tensor) or ids is None or labels.shape != ids.shape:
             labels = None
         if labels is not None:
@@ -219,6 +242,9 @@ class Doctor:
                         cands = candidate_targets(pend.device_ids, pend.device_labels, pad)
                     pend.fwd = logits_forward_stats(logits, cands)
                     pend.logits_ref = weakref.ref(logits)
+                    ref = self._collector.output_ref
+                    pend.logits_module = (self._collector.output_name if ref is not None and ref() is logits else "logits")
+                    self._collector.output_ref = None
                 if logits.requires_grad:
                     logits.register_hook(self._logits_grad_hook(pend))
         except Exception:
@@ -430,7 +456,7 @@ class Doctor:
 
         extra = None
         if pend.full:
-            rec.activations = self._activation_rows(pend.step, fwd_acts, bwd_acts, host)
+            rec.activations = self._activation_rows(pend.step, fwd_acts, bwd_acts, host, pend)
             rec.fp16_forecast = _fp16_forecast(rec.activations, pend.step)
             fwd = {k[4:]: v for k, v in host.items() if k.startswith("fwd.")}
             grad = {k[5:]: v for k, v in host.items() if k.startswith("grad.")}
@@ -449,15 +475,24 @@ class Doctor:
                 extra = {"batch": pend.batch, "extra": a.get("sample_extra") or {}}
         return rec, extra
 
-    def _activation_rows(self, step: int, fwd_acts, bwd_acts, host) -> list[dict[str, Any]]:
+    def _activation_rows(self, step: int, fwd_acts, bwd_acts, host, pend: _Pending) -> list[dict[str, Any]]:
+        def row(name, v, dt, phase):
+            return {"module": name, "max_abs": v, "dtype": dtype_name(dt), "limit": dtype_limit(dt),
+                    "finite": math.isfinite(v), "phase": phase, "step": step}
+
+        def extreme(a, b):  # max |.| over rows, NaN if any is NaN
+            t = torch.maximum(host[a].abs(), host[b].abs())
+            return float("nan") if torch.isnan(t).any() else float(t.max())
+
         rows = []
         for phase, acts, key in (("forward", fwd_acts, "act_fwd"), ("backward", bwd_acts, "act_bwd")):
-            if not acts:
-                continue
-            vals = host[key].tolist()
+            vals = host[key].tolist() if acts else []
+            if phase == "backward" and "grad.grad_min" in host:  # the logits' gradient comes first in backward
+                rows.append(row(pend.logits_module, extreme("grad.grad_min", "grad.grad_max"), pend.logits_dtype, phase))
             for (name, dt, _), v in zip(acts, vals):
-                rows.append({"module": name, "max_abs": v, "dtype": dtype_name(dt), "limit": dtype_limit(dt),
-                             "finite": math.isfinite(v), "phase": phase, "step": step})
+                rows.append(row(name, v, dt, phase))
+            if phase == "forward" and "fwd.row_max" in host:  # the logits are the last forward output
+                rows.append(row(pend.logits_module, extreme("fwd.row_min", "fwd.row_max"), pend.logits_dtype, phase))
         return rows
 
     def _dtypes(self, pend: _Pending, opt) -> dict[str, Any]:
@@ -562,6 +597,14 @@ class Doctor:
         self.errors.append(traceback.format_exc(limit=3))
 
 
+def _unwrap_optimizer(opt):
+    """The torch optimizer inside a wrapper (accelerate's AcceleratedOptimizer, ...): the global
+    step hooks see the inner one."""
+    while opt is not None and hasattr(opt, "optimizer") and opt.optimizer is not opt and hasattr(opt.optimizer, "param_groups"):
+        opt = opt.optimizer  # AcceleratedOptimizer subclasses Optimizer but delegates step() to .optimizer
+    return opt
+
+
 def _lr(optimizer) -> float | None:
     try:
         lr = optimizer.param_groups[0].get("lr")
@@ -622,8 +665,8 @@ def _trainer_callback(doctor: Doctor):
         """Added by sftdoctor.attach(trainer): hands the optimizer over and closes the last step."""
 
         def on_train_begin(self, args, state, control, **kwargs):
-            opt = kwargs.get("optimizer")
-            if opt is not None and doctor._opt_ref is None:
+            opt = _unwrap_optimizer(kwargs.get("optimizer"))
+            if opt is not None and (doctor._opt_ref is None or doctor._opt_ref() is None):
                 doctor._opt_ref = weakref.ref(opt)
 
         def on_train_end(self, args, state, control, **kwargs):

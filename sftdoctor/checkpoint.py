@@ -2,9 +2,12 @@
 the checkpoint probes read, and the two checks `watch` runs on what a user's script saves or
 generates (check_state_dict, check_generation_outputs).
 
-The scan never loads the whole model: it opens each safetensors file memory-mapped (or a
-torch .bin with mmap=True), reads one tensor at a time in row chunks of at most CHUNK_ELEMENTS
-values, and keeps only per-tensor numbers. No transformers import here (probes import this).
+The scan never loads the whole model: it reads each safetensors file sequentially, one tensor at
+a time in row chunks of at most CHUNK_ELEMENTS values (header-validated plain reads into two
+reused buffers, the next chunk read by a worker thread while the current one is reduced; a
+torch .bin is opened with mmap=True), and keeps only per-tensor numbers. Plain reads rather than
+mmap: touched pages of a mapped file count in the process's RSS. No transformers import here
+(probes import this module).
 """
 from __future__ import annotations
 
@@ -106,15 +109,20 @@ class StoredTensor:
     def rows(self) -> int:
         return self.shape[0] if self.shape else 1
 
-    def chunks(self, max_elements: int = CHUNK_ELEMENTS) -> Iterator[torch.Tensor]:
-        """The tensor in row chunks of at most max_elements values (at least one row)."""
+    def row_ranges(self, max_elements: int | None = None) -> Iterator[tuple[int, int]]:
+        """[start, end) row ranges of at most max_elements values each (at least one row)."""
         if not self.shape:
-            yield self.read(0, 1)
+            yield 0, 1
             return
         per_row = max(1, self.numel // max(self.rows, 1))
-        step = max(1, max_elements // per_row)
+        step = max(1, (max_elements or CHUNK_ELEMENTS) // per_row)
         for start in range(0, self.rows, step):
-            yield self.read(start, min(start + step, self.rows))
+            yield start, min(start + step, self.rows)
+
+    def chunks(self, max_elements: int | None = None) -> Iterator[torch.Tensor]:
+        """The tensor in row chunks (see row_ranges); a chunk is valid until the next-but-one read."""
+        for a, b in self.row_ranges(max_elements):
+            yield self.read(a, b)
 
 
 def weight_files(folder: str | os.PathLike) -> tuple[str, list[Path]]:
@@ -155,8 +163,11 @@ def open_tensors(folder: str | os.PathLike, stack: ExitStack) -> tuple[str, list
             try:
                 # mmap: storages stay on disk and are paged in chunk by chunk as rows are read
                 state = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
-            except Exception as e:
-                raise _bad_file(f, e) from None
+            except Exception:
+                try:  # a legacy (pre-zip) .bin cannot be mapped: load it whole
+                    state = torch.load(str(f), map_location="cpu", weights_only=True)
+                except Exception as e:
+                    raise _bad_file(f, e) from None
             if not isinstance(state, Mapping):
                 raise UserError(f"{f} does not hold a state dict; pass the folder written by save_pretrained")
             for name, t in state.items():
@@ -170,6 +181,8 @@ _TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": 
                  "bool": torch.bool, "float8_e4m3fn": getattr(torch, "float8_e4m3fn", None),
                  "float8_e5m2": getattr(torch, "float8_e5m2", None)}
 MAX_HEADER = 100 << 20  # the safetensors format caps its JSON header at 100 MB
+PREFETCH = 2  # chunk reads queued ahead of the one being reduced (keeps the disk busy)
+BUFFERS = PREFETCH + 2  # per file: the chunk in use + the queued ones + one spare, so none is overwritten in use
 
 
 class SafetensorsReader:
@@ -237,11 +250,11 @@ class SafetensorsReader:
         return t.reshape((b - a, *shape[1:])) if shape else t.reshape(1)
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
-        """One of two reused byte buffers, in turn: a chunk read here stays valid until the read
-        after next (enough to compare two tensors chunk by chunk). Reuse avoids faulting in fresh
-        pages for every chunk, which costs as much as the read itself."""
-        self._turn = 1 - getattr(self, "_turn", 0)
-        pool = self.__dict__.setdefault("_pool", [None, None])
+        """One of BUFFERS reused byte buffers, in turn: a chunk read here stays valid for the next
+        BUFFERS - 1 reads of this file (what prefetching and comparing two tensors chunk by chunk
+        need). Reuse avoids faulting in fresh pages for every chunk, which costs as much as the read."""
+        self._turn = (getattr(self, "_turn", -1) + 1) % BUFFERS
+        pool = self.__dict__.setdefault("_pool", [None] * BUFFERS)
         if pool[self._turn] is None or pool[self._turn].numel() < nbytes:
             pool[self._turn] = torch.empty(nbytes, dtype=torch.uint8)  # uninitialised: filled by the read
         return pool[self._turn][:nbytes]
@@ -260,34 +273,71 @@ def _in_memory(name: str, t: torch.Tensor, file: str = "") -> StoredTensor:
 # ---- per-tensor statistics -----------------------------------------------------------------------
 
 
-def tensor_stats(st: StoredTensor) -> dict[str, Any]:
-    """{name, dtype, shape, numel, max_abs, nan, inf}: one pass per chunk when all values are
-    finite (aminmax propagates NaN and shows inf as an extreme), a counting pass otherwise."""
-    nan = inf = 0
-    max_abs: float | None = None
-    floating = st.dtype.startswith(("float", "bfloat"))
-    for chunk in st.chunks():
+class _Stats:
+    """Per-tensor statistics accumulated chunk by chunk: one aminmax pass per chunk when all its
+    values are finite (aminmax propagates NaN and shows inf as an extreme), a counting pass otherwise."""
+
+    def __init__(self, st: StoredTensor):
+        self.st, self.nan, self.inf, self.max_abs = st, 0, 0, None
+        self.floating = st.dtype.startswith(("float", "bfloat"))
+
+    def update(self, chunk: torch.Tensor) -> None:
         if chunk.numel() == 0:
-            continue
-        if not floating:
+            return
+        if not self.floating:
             m = float(chunk.abs().max()) if chunk.dtype != torch.bool else float(chunk.any())
-            max_abs = m if max_abs is None else max(max_abs, m)
-            continue
-        lo, hi = torch.aminmax(chunk)
-        lo, hi = float(lo), float(hi)
-        if math.isfinite(lo) and math.isfinite(hi):
-            m = max(-lo, hi)
         else:
-            isnan = torch.isnan(chunk)
-            isinf = torch.isinf(chunk)
-            nan += int(isnan.sum())
-            inf += int(isinf.sum())
-            finite = chunk[~(isnan | isinf)]
-            m = float(finite.abs().max()) if finite.numel() else None
+            lo, hi = (float(x) for x in torch.aminmax(chunk))
+            if math.isfinite(lo) and math.isfinite(hi):
+                m = max(-lo, hi)
+            else:
+                isnan, isinf = torch.isnan(chunk), torch.isinf(chunk)
+                self.nan += int(isnan.sum())
+                self.inf += int(isinf.sum())
+                finite = chunk[~(isnan | isinf)]
+                m = float(finite.abs().max()) if finite.numel() else None
         if m is not None:
-            max_abs = m if max_abs is None else max(max_abs, m)
-    return {"name": st.name, "dtype": st.dtype, "shape": list(st.shape), "numel": st.numel,
-            "max_abs": max_abs, "nan": nan, "inf": inf}
+            self.max_abs = m if self.max_abs is None else max(self.max_abs, m)
+
+    def result(self) -> dict[str, Any]:
+        st = self.st
+        return {"name": st.name, "dtype": st.dtype, "shape": list(st.shape), "numel": st.numel,
+                "max_abs": self.max_abs, "nan": self.nan, "inf": self.inf}
+
+
+def tensor_stats(st: StoredTensor) -> dict[str, Any]:
+    """{name, dtype, shape, numel, max_abs (over finite values), nan, inf} of one tensor."""
+    acc = _Stats(st)
+    for chunk in st.chunks():
+        acc.update(chunk)
+    return acc.result()
+
+
+def prefetched_chunks(tensors: list[StoredTensor]) -> Iterator[tuple[StoredTensor, torch.Tensor]]:
+    """(tensor, chunk) for every chunk of every tensor, in order, with the next PREFETCH chunks
+    read by a worker thread while the caller reduces the current one (file reads release the
+    GIL), so a scan costs about max(read, compute) rather than their sum. While the caller holds
+    chunk k, only chunks k+1..k+PREFETCH are queued: fewer than BUFFERS, so no buffer in use is
+    overwritten."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    plan = ((st, a, b) for st in tensors for a, b in st.row_ranges())
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftdoctor-read") as pool:
+        queue: deque = deque()
+
+        def submit() -> None:
+            item = next(plan, None)
+            if item is not None:
+                queue.append((item[0], pool.submit(item[0].read, item[1], item[2])))
+
+        for _ in range(PREFETCH):
+            submit()
+        while queue:
+            st, future = queue.popleft()
+            chunk = future.result()
+            submit()  # queued before the caller gets this chunk: k+1..k+PREFETCH
+            yield st, chunk
 
 
 def _find(names: list[str], suffixes: tuple[str, ...]) -> str | None:
@@ -303,8 +353,7 @@ def _tensors_equal(a: StoredTensor, b: StoredTensor) -> tuple[bool, float | None
     if a.shape != b.shape:
         return False, None
     worst = 0.0
-    for start in range(0, a.rows, max(1, CHUNK_ELEMENTS // max(1, a.numel // max(a.rows, 1)))):
-        end = min(a.rows, start + max(1, CHUNK_ELEMENTS // max(1, a.numel // max(a.rows, 1))))
+    for start, end in a.row_ranges():
         d = (a.read(start, end).float() - b.read(start, end).float()).abs()
         d = torch.nan_to_num(d, nan=float("inf"))
         worst = max(worst, float(d.max()) if d.numel() else 0.0)
@@ -371,7 +420,10 @@ def scan_weights(folder: str | os.PathLike, *, tie_word_embeddings: bool | None 
     with ExitStack() as stack:
         fmt, tensors = open_tensors(folder, stack)
         _, files = weight_files(folder)
-        weights = [tensor_stats(t) for t in tensors]
+        stats = {id(t): _Stats(t) for t in tensors}
+        for t, chunk in prefetched_chunks(tensors):
+            stats[id(t)].update(chunk)
+        weights = [stats[id(t)].result() for t in tensors]
         stored: Counter[str] = Counter()
         for w in weights:
             stored[w["dtype"]] += w["numel"]
@@ -403,10 +455,7 @@ def weight_change(folder: str | os.PathLike, base_folder: str | os.PathLike) -> 
                 out.append({"name": t.name, "relative_change": None, "shape": list(t.shape), "base_shape": list(b.shape)})
                 continue
             diff2 = ref2 = 0.0
-            per_row = max(1, t.numel // max(t.rows, 1))
-            step = max(1, CHUNK_ELEMENTS // per_row)
-            for start in range(0, t.rows, step):
-                end = min(t.rows, start + step)
+            for start, end in t.row_ranges():
                 x, y = t.read(start, end).double(), b.read(start, end).double()
                 diff2 += float(((x - y) ** 2).sum())
                 ref2 += float((y ** 2).sum())

@@ -227,7 +227,7 @@ def _dtype_name(requested: str | None, stored: dict[str, int], config: Any) -> s
     return name if name in DTYPES else "float32"
 
 
-def _special_tokens(tok: TokenizerInfo, raw_tok: Any) -> dict[int, str]:
+def _special_tokens(tok: TokenizerInfo) -> dict[int, str]:
     """Special tokens whose embedding rows matter: eos / end-of-turn, pad, bos, and the specials
     the chat template writes."""
     ids = set(tok.eos_ids) | {i for i in (tok.pad_id, tok.bos_id) if i is not None}
@@ -256,7 +256,8 @@ def inspect_checkpoint(name: str, *, tokenizer: Any = None, questions: list[str]
                        prompts: list[list[int]] | None = None, dtype: str | None = None,
                        extra_dtypes: Iterable[str] = ("float16",), max_new_tokens: int = 64,
                        trust_remote_code: bool = False, prompt_format: str | None = None,
-                       stop_ids: set[int] | None = None) -> tuple[CheckpointRecord, TokenizerInfo, Any]:
+                       stop_ids: set[int] | None = None, attn_implementation: str | None = None,
+                       ) -> tuple[CheckpointRecord, TokenizerInfo, Any]:
     """Fill a CheckpointRecord for one saved model. Returns (record, tokenizer info, config)."""
     from .loading import load_checkpoint_tokenizer, load_config, load_model, load_tokenizer, resolve_checkpoint
 
@@ -275,7 +276,7 @@ def inspect_checkpoint(name: str, *, tokenizer: Any = None, questions: list[str]
     record.config["tokenizer_eos_id"] = eos if isinstance(eos, int) else None
 
     scan = scan_weights(folder, tie_word_embeddings=getattr(config, "tie_word_embeddings", None),
-                        special_tokens=_special_tokens(tok, raw_tok))
+                        special_tokens=_special_tokens(tok))
     record.format, record.files, record.total_bytes = scan.format, scan.files, scan.total_bytes
     record.weights, record.stored_dtypes, record.tied = scan.weights, scan.stored_dtypes, scan.tied
     record.special_rows, record.scan_seconds = scan.special_rows, scan.seconds
@@ -291,8 +292,13 @@ def inspect_checkpoint(name: str, *, tokenizer: Any = None, questions: list[str]
         stop_ids = set(tok.eos_ids) | set((record.generation_config or {}).get("eos_token_id") or [])
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(str(folder), dtype=torch.float32, trust_remote_code=trust_remote_code).to(device).eval()
-    dtypes = ["float32"] + [d for d in [record.serve_dtype, *extra_dtypes] if d != "float32"]
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = load_model(str(folder), dtype=torch.float32, trust_remote_code=trust_remote_code, **attn).to(device).eval()
+    record.config["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+    # fp32 first (the reference), then the served dtype, fp16 (what V100/T4 serving falls back to) and
+    # the dtype config.json names (what from_pretrained(dtype="auto") picks when it is set)
+    dtypes = ["float32"] + [d for d in [record.serve_dtype, *extra_dtypes, record.config.get("dtype")]
+                            if d in DTYPES and d != "float32"]
     for d in dict.fromkeys(dtypes):  # ordered, unique
         # each dtype is cast from the fp32 copy, which holds the stored values exactly
         m = model if d == "float32" else copy.deepcopy(model).to(getattr(torch, d))
@@ -356,12 +362,15 @@ def record_metrics(record: CheckpointRecord, tok: TokenizerInfo) -> dict[str, An
 
 def diagnose(path: str, *, base: str | None = None, prompts: str | list[str] | None = None, dtype: str | None = None,
              max_new_tokens: int = 64, num_prompts: int = 8, trust_remote_code: bool = False,
-             tokenizer: Any = None, prompt_format: str | None = None, ignore: Iterable[str] = ()) -> Report:
+             tokenizer: Any = None, prompt_format: str | None = None, attn_implementation: str | None = None,
+             ignore: Iterable[str] = ()) -> Report:
     """Diagnose a saved model (folder or Hub id) and return the Report.
 
     prompts: a .jsonl (question field) or text file, or a list of questions (default: built-in
     GSM8K-style questions). dtype: the dtype it is served in (default: the stored dtype).
     base: the model it was fine-tuned from, checked the same way for comparison.
+    attn_implementation: eager / sdpa as the serving stack runs it (fp16 overflow in Q.K^T shows
+    under eager; default: what transformers picks).
     """
     from sftdoctor.api import environment
     from sftdoctor.probes import CHECKPOINT
@@ -372,7 +381,7 @@ def diagnose(path: str, *, base: str | None = None, prompts: str | list[str] | N
     questions = (questions or DEFAULT_QUESTIONS)[:num_prompts]
     record, tok, config = inspect_checkpoint(path, tokenizer=tokenizer, questions=questions, dtype=dtype,
                                              max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
-                                             prompt_format=prompt_format)
+                                             prompt_format=prompt_format, attn_implementation=attn_implementation)
     if base is not None:
         # identical settings: the same prompt ids, stop ids, served dtype and extra dtypes
         same_prompts = [g["prompt_ids"] for g in record.generations]
@@ -380,7 +389,8 @@ def diagnose(path: str, *, base: str | None = None, prompts: str | list[str] | N
         base_tok = tokenizer if tokenizer is not None else (None if _has_tokenizer(base) else _reuse(path))
         record.base, _, _ = inspect_checkpoint(base, tokenizer=base_tok, prompts=same_prompts, dtype=record.serve_dtype,
                                                extra_dtypes=list(record.forward), max_new_tokens=max_new_tokens,
-                                               trust_remote_code=trust_remote_code, stop_ids=stop)
+                                               trust_remote_code=trust_remote_code, stop_ids=stop,
+                                               attn_implementation=attn_implementation)
         record.weight_change = weight_change(record.path, record.base.path)
 
     ctx = ProbeContext(tokenizer=tok, model=ModelInfo.from_config(config), checkpoint=record)

@@ -12,6 +12,7 @@ callbacks, so an exception from a callback can only surface at a safe point.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -130,16 +131,30 @@ class ActivationCollector:
     hook on the output for the same statistic of its gradient in backward. Gated: when
     `forward_on` is False a hook costs one attribute read."""
 
-    def __init__(self, root: torch.nn.Module):
+    def __init__(self, root: torch.nn.Module, output_module: torch.nn.Module | None = None):
         self.forward_on = False
         self.backward_on = False
         self.forward: list[tuple[str, torch.dtype, torch.Tensor]] = []  # call order
         self.backward: list[tuple[str, torch.dtype, torch.Tensor]] = []  # backward order
         self.handles = []
+        # The module producing the logits (lm_head) is not reduced here: the logits statistics
+        # already cover its output and gradient (rows max/min), and a [B, T, V] pass is the
+        # costliest of all. Its last output is remembered (weakly) to check it IS the logits.
+        self.output_name: str | None = None
+        self.output_ref = None
         for name, mod in root.named_modules():
             if mod is root or isinstance(mod, (torch.nn.ModuleList, torch.nn.ModuleDict)):
                 continue
+            if output_module is not None and mod is output_module:
+                self.output_name = name
+                self.handles.append(mod.register_forward_hook(self._remember_output))
+                continue
             self.handles.append(mod.register_forward_hook(self._make_hook(name)))
+
+    def _remember_output(self, mod, inputs, output):
+        if self.forward_on and isinstance(output, torch.Tensor):
+            self.output_ref = weakref.ref(output)
+        return None
 
     def _make_hook(self, name: str) -> Callable:
         def hook(mod, inputs, output):

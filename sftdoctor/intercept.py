@@ -350,6 +350,26 @@ def complete_batch(forward: Forward) -> tuple[dict[str, Any], str]:
     return batch, "none"
 
 
+def probe_ready(batch: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The batch without fields the batch probes cannot read (a 4D attention mask, packed-sequence
+    extras), and the names dropped. Probes read [batch, seq] tensors; a 1D row counts as [1, seq]."""
+    import torch
+
+    def rows(t):
+        return tuple(t.shape) if t.dim() == 2 else (1, t.shape[0]) if t.dim() == 1 else None
+
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        return batch, []
+    kept, dropped = {}, []
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and rows(v) != rows(ids):
+            dropped.append(k)
+        else:
+            kept[k] = v
+    return kept, dropped
+
+
 def _same_tensor(a: Any, b: Any) -> bool:
     import torch
 
@@ -453,21 +473,40 @@ def inspect_script(script: str | None, script_args: list[str], *, module: str | 
     captured: dict[str, Any] = {}
     script_ns: dict[str, Any] = {}
 
+    def inspect(fw: Forward, batch, labels_from, tokenizer, hints, grad_enabled: bool):
+        if max_length:
+            hints["max_length"] = max_length
+        if "input_ids" not in batch:
+            raise UserError(f"the first forward of {type(fw.model).__name__} (at {fw.caller}) got no input_ids "
+                            "(inputs_embeds?); save the batch dict and use inspect-batch --batch FILE")
+        batch, dropped = probe_ready(batch)
+        report = inspect_batch(batch, tokenizer, fw.model, hints=hints, ignore=ignore)
+        report.run.update(forward={"caller": fw.caller, "model": type(fw.model).__name__, "labels_from": labels_from,
+                                   "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
+                                   "grad_enabled": grad_enabled})
+        if dropped:
+            report.run["forward"]["fields_not_checked"] = dropped
+        return report
+
     def on_forward(model, args, kwargs, frame) -> None:
         import torch
 
-        if not torch.is_grad_enabled():
-            return  # an evaluation or generate() call before training: wait for a training forward
+        if not torch.is_grad_enabled() and "fallback" in captured:
+            return
         fw = capture(model, args, kwargs, frame)
         batch, labels_from = complete_batch(fw)
-        tokenizer = find_tokenizer(fw.frame, script_ns.get("globals") or _running_main_globals())
-        hints = trainer_hints(fw.frame, script_ns.get("globals"))
-        if max_length:
-            hints["max_length"] = max_length
-        report = inspect_batch(batch, tokenizer, fw.model, hints=hints, ignore=ignore)
-        report.run.update(forward={"caller": fw.caller, "model": type(fw.model).__name__, "labels_from": labels_from,
-                                   "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None})
-        captured["report"] = report
+        globals_ = script_ns.get("globals") or _running_main_globals()
+        tokenizer = find_tokenizer(fw.frame, globals_)
+        hints = trainer_hints(fw.frame, globals_)
+        fw.frame = None  # keep no frame alive
+        if not torch.is_grad_enabled():
+            # an evaluation or generate() call: kept in case the script never trains
+            captured["fallback"] = (fw, batch, labels_from, tokenizer, hints)
+            return
+        try:
+            captured["report"] = inspect(fw, batch, labels_from, tokenizer, hints, True)
+        except Exception as e:  # ours, not the script's: raised again once the script is unwound
+            captured["error"] = e
         raise StopScript("first model forward inspected")
 
     patches = Patches()
@@ -477,9 +516,17 @@ def inspect_script(script: str | None, script_args: list[str], *, module: str | 
     finally:
         patches.restore()
     name = module or script
+    if "error" in captured:
+        raise captured["error"]
     if "report" in captured:
         report = captured["report"]
         report.run.update(status="stopped", reason=outcome.reason or "first model forward inspected", script=name)
+        return report
+    if "fallback" in captured and outcome.status in ("completed", "exited"):
+        report = inspect(*captured["fallback"], False)  # the script has ended: our errors surface as ours
+        report.run.update(status=outcome.status, exit_code=outcome.exit_code, script=name,
+                          note="the script never ran a forward with gradients enabled; this is its first forward "
+                               "(under torch.no_grad / inference_mode)")
         return report
     if outcome.status == "crashed":
         print_user_traceback(outcome.exception)

@@ -141,56 +141,102 @@ def candidate_targets(input_ids: torch.Tensor, labels: torch.Tensor | None, pad_
 CANDIDATE_NAMES = [f"offset_{k}" for k in OFFSETS] + ["pad", "labels"]
 
 
+CHUNK = 1024  # columns per chunk for the chunked arg-max/min below
+
+
+def arg_extreme(x: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the max (or min) of each row of a contiguous [T, V] tensor.
+
+    Same result as x.max(-1) / x.min(-1) (first occurrence; NaN counts as the extreme), ~4x faster
+    on CPU: one vectorised amax over [T, V/CHUNK, CHUNK], then an index search inside the one
+    winning chunk per row."""
+    T, V = x.shape
+    n = V // CHUNK
+    if n < 4 or not x.is_contiguous():
+        return x.max(-1) if largest else x.min(-1)
+    reduce = torch.amax if largest else torch.amin
+    heads = reduce(x.as_strided((T, n, CHUNK), (x.stride(0), CHUNK, 1)), dim=-1)
+    if n * CHUNK < V:
+        heads = torch.cat([heads, reduce(x[:, n * CHUNK:], dim=-1, keepdim=True)], dim=1)
+    best = heads.argmax(-1) if largest else heads.argmin(-1)
+    cols = (best[:, None] * CHUNK + torch.arange(CHUNK, device=x.device)).clamp_(max=V - 1)
+    inner = x.gather(-1, cols)
+    vals, pos = inner.max(-1) if largest else inner.min(-1)
+    return vals, cols.gather(-1, pos[:, None])[:, 0]
+
+
+CHUNK_ELEMENTS = 1 << 19  # positions are reduced in chunks of ~0.5M logits (2 MB float32 buffers)
+
+
+def _chunks(n_positions: int, vocab: int):
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    for i in range(0, n_positions, step):
+        yield slice(i, min(i + step, n_positions))
+
+
 @torch.no_grad()
 def logits_forward_stats(logits: torch.Tensor, candidates: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Per logits row: logsumexp, L2 norm, entropy, argmax, finiteness, and the logit at each
-    candidate target. One [T, V] float32 temporary at a time."""
+    """Per logits row: logsumexp, L2 norm, entropy, argmax, max and min (the lm_head's max |output|),
+    and the logit at each candidate target. Works on chunks of positions with two small float32
+    buffers, so the extra memory is a few MB whatever the batch."""
     B, T, V = logits.shape
-    lse = torch.empty(B, T, device=logits.device)
-    norm = torch.empty_like(lse)
-    entropy = torch.empty_like(lse)
-    argmax = torch.empty(B, T, dtype=torch.long, device=logits.device)
-    cand = None
-    if candidates is not None:
-        cand = torch.empty(B, T, candidates.shape[-1], device=logits.device)
-    buf = None  # one [T, V] float32 buffer reused for every row (allocation costs more than the math)
-    for b in range(B):
-        x = logits[b].detach().float()
-        am = x.argmax(dim=-1)
-        argmax[b] = am
-        mx = x.gather(-1, am[:, None])  # row max, from the argmax (no extra pass)
-        if buf is None:
-            buf = torch.empty_like(x)
-        e = torch.exp(torch.sub(x, mx, out=buf), out=buf)  # exp(x - max)
-        s = e.sum(dim=-1)
-        ex = e.mul_(x).sum(dim=-1)  # sum e * x, in place
-        lse[b] = mx[:, 0] + s.log()
-        entropy[b] = lse[b] - ex / s  # H = lse - sum p * x
-        norm[b] = torch.linalg.vector_norm(x, dim=-1)  # inf/NaN propagate: doubles as the finiteness test
+    N = B * T
+    dev = logits.device
+    flat = logits.detach().reshape(N, V)
+    cflat = candidates.reshape(N, -1).clamp(min=0) if candidates is not None else None
+    lse = torch.empty(N, device=dev)
+    norm, entropy, row_min, row_max = (torch.empty_like(lse) for _ in range(4))
+    argmax = torch.empty(N, dtype=torch.long, device=dev)
+    cand = torch.empty(N, cflat.shape[-1], device=dev) if cflat is not None else None
+    buf_a = buf_b = None
+    for sl in _chunks(N, V):
+        x = flat[sl].float().contiguous()
+        n = x.shape[0]
+        if buf_a is None or buf_a.shape[0] < n:
+            buf_a, buf_b = torch.empty_like(x), torch.empty_like(x)
+        shifted, expd = buf_a[:n], buf_b[:n]
+        mx, am = arg_extreme(x, largest=True)
+        argmax[sl], row_max[sl] = am, mx
+        mn = x.amin(dim=-1)
+        row_min[sl] = mn
+        torch.sub(x, mx[:, None], out=shifted)
+        if dev.type == "cpu" and bool(((mx - mn) > 80.0).any()):  # CPU only: no device sync
+            shifted.clamp_(min=-80.0)  # exp below -87 is denormal in fp32: very slow on CPU, and adds < 1e-34
+        torch.exp(shifted, out=expd)  # exp(x - max) into a separate buffer (in place is slower)
+        s = expd.sum(dim=-1)
+        ex = expd.mul_(x).sum(dim=-1)  # sum e * x
+        lse[sl] = mx + s.log()
+        entropy[sl] = lse[sl] - ex / s  # H = lse - sum p * x
+        norm[sl] = torch.linalg.vector_norm(x, dim=-1)  # inf/NaN propagate: doubles as the finiteness test
         if cand is not None:
-            cand[b] = x.gather(-1, candidates[b].clamp(min=0))
-    out = {"lse": lse, "logit_norm": norm, "entropy": entropy, "argmax": argmax}
+            cand[sl] = x.gather(-1, cflat[sl])
+    out = {"lse": lse, "logit_norm": norm, "entropy": entropy, "argmax": argmax, "row_max": row_max, "row_min": row_min}
+    out = {k: v.reshape(B, T) for k, v in out.items()}
     if cand is not None:
-        out["cand_logit"] = cand
+        out["cand_logit"] = cand.reshape(B, T, -1)
     return out
 
 
 @torch.no_grad()
 def logits_grad_stats(grad: torch.Tensor, logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Per logits row of d loss / d logits: L2 norm, most negative coordinate and its index (the
-    effective target of a cross-entropy-like loss: softmax - onehot is negative only there), and
-    the logit at that index when the logits are still alive."""
+    effective target of a cross-entropy-like loss: softmax - onehot is negative only there), the
+    largest coordinate, and the logit at the target when the logits are still alive."""
     B, T, V = grad.shape
-    gnorm = torch.empty(B, T, device=grad.device)
-    gmin = torch.empty_like(gnorm)
-    target = torch.empty(B, T, dtype=torch.long, device=grad.device)
-    for b in range(B):
-        g = grad[b].float()
-        gnorm[b] = torch.linalg.vector_norm(g, dim=-1)
-        gmin[b], target[b] = g.min(dim=-1)
-    out = {"grad_norm": gnorm, "grad_min": gmin, "target": target}
+    N = B * T
+    flat = grad.reshape(N, V)
+    gnorm = torch.empty(N, device=grad.device)
+    gmin, gmax = torch.empty_like(gnorm), torch.empty_like(gnorm)
+    target = torch.empty(N, dtype=torch.long, device=grad.device)
+    for sl in _chunks(N, V):
+        g = flat[sl].float().contiguous()
+        gnorm[sl] = torch.linalg.vector_norm(g, dim=-1)
+        gmin[sl], target[sl] = arg_extreme(g, largest=False)
+        gmax[sl] = g.amax(dim=-1)
+    out = {"grad_norm": gnorm.reshape(B, T), "grad_min": gmin.reshape(B, T), "grad_max": gmax.reshape(B, T),
+           "target": target.reshape(B, T)}
     if logits is not None and tuple(logits.shape) == (B, T, V):
-        out["target_logit"] = logits.detach().gather(-1, target[..., None])[..., 0].float()
+        out["target_logit"] = logits.detach().gather(-1, out["target"][..., None])[..., 0].float()
     return out
 
 

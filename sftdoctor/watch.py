@@ -12,6 +12,7 @@ stopped by --fail-fast / --max-steps), and everything patched is restored.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -19,8 +20,8 @@ import torch
 
 from . import distributed
 from .findings import CheckResult, Finding
-from .intercept import (ForwardCatcher, Patches, StopScript, capture, complete_batch, find_in_frames, find_tokenizer,
-                        print_user_traceback, run_script, trainer_hints, _running_main_globals)
+from .intercept import (ForwardCatcher, Patches, StopScript, _running_main_globals, capture, complete_batch, find_in_frames,
+                        find_tokenizer, print_user_traceback, probe_ready, run_script, trainer_hints)
 from .live import LiveView
 from .report import Report
 
@@ -36,6 +37,7 @@ class WatchOptions:
     max_steps: int | None = None  # stop after this many optimizer steps
     ignore: frozenset[str] = frozenset()
     max_length: int | None = None
+    step_probes: bool = True  # False: batch probes on the first batch and checkpoint checks only
 
 
 class Watcher:
@@ -58,6 +60,9 @@ class Watcher:
         self._script_ns: dict[str, Any] = {}
         self._stopping = False  # once True, callbacks never raise StopScript again
         self._saving = False
+        self.optimizer_steps = 0  # steps of any optimizer holding a parameter of a watched model
+        self._optimizer_is_ours: dict[int, bool] = {}
+        self._step_hook = None
 
     # ---- running -------------------------------------------------------------------------------
     def run(self, script: str | None, args: list[str], *, module: str | None = None) -> Report:
@@ -72,9 +77,13 @@ class Watcher:
             outcome = run_script(script, args, module=module, globals_out=self._script_ns)
         finally:
             self._stopping = True
-            self.finish()
-            self.uninstall()
-            self.view.close()
+            try:
+                self.finish()
+            except Exception as e:  # never lose the restore below to a failure of ours
+                self.report.run.setdefault("internal_errors", []).append(f"{type(e).__name__}: {e}")
+            finally:
+                self.uninstall()
+                self.view.close()
         if outcome.status in ("crashed", "interrupted") and outcome.exception is not None:
             print_user_traceback(outcome.exception)
         self.report.run.update(outcome.to_run())
@@ -113,10 +122,25 @@ class Watcher:
         def save(obj, f, *args, **kwargs):
             result = original_save(obj, f, *args, **kwargs)
             if isinstance(obj, Mapping) and not watcher._saving:
-                watcher._check_saved(obj, None, str(f) if isinstance(f, (str, bytes)) or hasattr(f, "__fspath__") else "<file>")
+                where = os.fsdecode(f) if isinstance(f, (str, bytes, os.PathLike)) else "<file object>"
+                watcher._check_saved(obj, None, where)
             return result
 
         self._patches.set(torch, "save", save)
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self._step_hook = register_optimizer_step_post_hook(self._after_optimizer_step)
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        # counted here, not from the Doctor: a Trainer steps accelerate's wrapper around the optimizer
+        ours = self._optimizer_is_ours.get(id(optimizer))
+        if ours is None:
+            watched = {id(p) for d in self.doctors for p in d.model.parameters()}
+            ours = any(id(p) in watched for g in optimizer.param_groups for p in g["params"])
+            if watched:
+                self._optimizer_is_ours[id(optimizer)] = ours
+        if ours:
+            self.optimizer_steps += 1
 
     def uninstall(self) -> None:
         for doctor in self.doctors:
@@ -125,6 +149,9 @@ class Watcher:
             except Exception:
                 pass
         self._patches.restore()
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
 
     def _patch_method(self, owner: type, name: str, after) -> None:
         original = getattr(owner, name)
@@ -144,15 +171,23 @@ class Watcher:
         if not torch.is_grad_enabled():
             return  # evaluation / generate(): not a training step
         if self.options.max_steps is not None and not self._stopping:
-            if any(d.optimizer_steps >= self.options.max_steps for d in self.doctors):
+            if self.optimizer_steps >= self.options.max_steps:
                 self._stop(f"--max-steps {self.options.max_steps} reached")
-        if self._batch_done and id(model) in self._attached:
+        if self._batch_done and (id(model) in self._attached or not self.options.step_probes):
             return
+        try:
+            self._first_forward_of(model, args, kwargs, frame)
+        except StopScript:
+            raise
+        except Exception as e:  # sftdoctor's own failure must never break the user's training
+            self.report.run.setdefault("internal_errors", []).append(f"{type(e).__name__}: {e}")
+
+    def _first_forward_of(self, model, args, kwargs, frame) -> None:
         script_globals = self._script_ns.get("globals") or _running_main_globals()
         fw = capture(model, args, kwargs, frame)
         if self._tokenizer is None:
             self._tokenizer = find_tokenizer(frame, script_globals)
-        if id(model) not in self._attached:
+        if id(model) not in self._attached and self.options.step_probes:
             optimizer = find_in_frames(frame, torch.optim.Optimizer, script_globals)
             self._attach(model, self._tokenizer, optimizer=optimizer)
         if not self._batch_done:
@@ -168,7 +203,11 @@ class Watcher:
 
         batch, labels_from = complete_batch(fw)
         if "input_ids" not in batch:
+            self.report.run["first_forward"] = {"caller": fw.caller, "model": type(fw.model).__name__,
+                                                "note": "no input_ids (inputs_embeds?): batch probes not run"}
+            self._batch_done = True
             return
+        batch, dropped = probe_ready(batch)
         # ModelInfo, not the model: the step probes run on the real steps (attach), not on a copy
         first = inspect_batch(batch, self._tokenizer, ModelInfo.from_model(fw.model), hints=hints,
                               ignore=self.options.ignore, command="watch")
@@ -179,6 +218,8 @@ class Watcher:
         self.report.samples = first.samples
         self.report.run["first_forward"] = {"caller": fw.caller, "model": type(fw.model).__name__,
                                             "labels_from": labels_from}
+        if dropped:
+            self.report.run["first_forward"]["fields_not_checked"] = dropped
         self._add(first.findings)
 
     # ---- attaching the step probes -------------------------------------------------------------------
@@ -195,7 +236,7 @@ class Watcher:
             self._tokenizer_info = doctor.tokenizer
 
     def _attach_trainer(self, trainer) -> None:
-        if id(trainer.model) in self._attached:
+        if id(trainer.model) in self._attached or not self.options.step_probes:
             return
         tokenizer = getattr(trainer, "processing_class", None) or self._tokenizer
         if self._tokenizer is None:
@@ -207,8 +248,7 @@ class Watcher:
         self._add([finding], already_new=True)
 
     def _on_step(self, row: dict[str, Any]) -> None:
-        steps = max((d.optimizer_steps for d in self.doctors), default=0)
-        self.view.step(row, steps)
+        self.view.step(row, self.optimizer_steps)
 
     def _add(self, findings: Iterable[Finding], *, already_new: bool = False) -> None:
         new = self.report.add(findings)
@@ -322,6 +362,7 @@ class Watcher:
                 self.report.metrics.setdefault(k, v)
             if not self.report.samples and part.samples:
                 self.report.samples = part.samples
+        self.report.metrics["optimizer_steps"] = max(self.optimizer_steps, self.report.metrics.get("optimizer_steps") or 0)
         if not self._batch_done:
             self.report.run["note"] = "no training forward of a causal LM was seen"
 

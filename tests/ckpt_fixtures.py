@@ -205,6 +205,19 @@ def truncated(src: Path, dst: Path) -> Path:
     return dst
 
 
+def truncated_bin(src: Path, dst: Path) -> Path:
+    """The same checkpoint as a torch .bin, cut short."""
+    from safetensors.torch import load_file
+
+    copy_checkpoint(src, dst)
+    torch.save(load_file(dst / "model.safetensors"), dst / "pytorch_model.bin")
+    (dst / "model.safetensors").unlink()
+    f = dst / "pytorch_model.bin"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+    return dst
+
+
 def without(src: Path, dst: Path, *names: str) -> Path:
     copy_checkpoint(src, dst)
     for n in names:

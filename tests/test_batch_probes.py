@@ -98,7 +98,7 @@ def test_labels_pad_not_ignored():
     assert "labels-pad-not-ignored" not in ids_of(inspect(*bf.healthy("gpt2")))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "qwen2.5"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_pre_shifted_labels_are_misaligned_by_one(family):
     tok, batch = bf.pre_shifted(family)
     report = inspect(tok, batch)
@@ -134,8 +134,9 @@ def test_no_supervised_tokens_warn_for_a_row_fail_for_the_batch():
     assert f.severity == "fail" and f.evidence["empty_rows"] == 4
 
 
-def test_prompt_supervised_found_by_marker():
-    tok, batch = bf.prompt_supervised("llama3.2")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_supervised_found_by_marker(family):
+    tok, batch = bf.prompt_supervised(family)
     f = finding(inspect(tok, batch), "labels-prompt-supervised")
     assert f.severity == "warn" and f.evidence["method"] == "response marker" and f.evidence["marker"] == "Answer:"
     assert f.evidence["share_of_prompt"] == 1.0 and 0.2 < f.evidence["share_of_supervised"] < 0.8
@@ -377,6 +378,15 @@ def test_cli_inspect_batch_fail_and_pass(saved, tmp_path, capsys):
     code = main(["inspect-batch", "--batch", saved(batch, "ok.pt"), "--tokenizer", str(TOKENIZERS / "phi3"),
                  "--json", str(out), "-q"])
     assert code == 0 and json.loads(out.read_text())["verdict"] == "pass"
+
+
+def test_cli_max_length_option_feeds_truncation_check(saved, tmp_path):
+    out = tmp_path / "r.json"
+    code = main(["inspect-batch", "--batch", saved(bf.truncated("qwen2.5", 120)[1]), "--tokenizer",
+                 str(TOKENIZERS / "qwen2.5"), "--max-length", "120", "--json", str(out), "-q"])
+    assert code == 1
+    f = [f for f in json.loads(out.read_text())["findings"] if f["id"] == "truncation-answer-lost"][0]
+    assert f["evidence"]["max_length"] == 120 and f["evidence"]["max_length_source"] == "hint"
 
 
 def test_cli_model_config_only_enables_range_check(saved, tmp_path):

@@ -169,6 +169,16 @@ def test_base_that_overflows_too(ckpts, tmp_path):
     assert r.metrics["weight_change_summary"]["max"] == 0.0
 
 
+def test_base_that_does_not_overflow(ckpts):
+    """The base is finite in fp16: the fine-tune broke it, and the changed module is named."""
+    r = diagnose(str(ckpts["overflow"]), base=str(ckpts["healthy"]), prompts=str(ckpts["prompts"]),
+                 max_new_tokens=4, num_prompts=2)
+    f = r.get("precision-inference-overflow")
+    assert f.evidence["base_overflows"] is False and "base model" not in f.message
+    [change] = f.evidence["weight_change_at_module"]
+    assert change["name"] == "model.layers.0.mlp.down_proj.weight" and change["relative_change"] > 1000
+
+
 # ---- the smaller checkpoint checks ---------------------------------------------------------------
 
 
@@ -289,6 +299,7 @@ def test_cli_exit_codes_and_json(ckpts, tmp_path, capsys):
 
 @pytest.mark.parametrize("case, message", [
     ("truncated", "truncated or corrupt"),
+    ("truncated_bin", "truncated or corrupt"),
     ("no_config", "has no config.json"),
     ("no_tokenizer", "has no tokenizer files"),
     ("no_weights", "has no weights"),
@@ -299,6 +310,7 @@ def test_cli_bad_checkpoints_are_one_line_errors(ckpts, tmp_path, capsys, case, 
     src = ckpts["healthy"]
     path = {
         "truncated": lambda: F.truncated(src, tmp_path / "t"),
+        "truncated_bin": lambda: F.truncated_bin(src, tmp_path / "tb"),
         "no_config": lambda: F.without(src, tmp_path / "c", "config.json"),
         "no_tokenizer": lambda: F.without(src, tmp_path / "k", "tokenizer.json", "tokenizer_config.json"),
         "no_weights": lambda: F.without(src, tmp_path / "w", "model.safetensors"),

@@ -88,10 +88,10 @@ PROBE_SCRIPT = """
     os.chdir(os.path.dirname(os.path.abspath(__file__)))
     tok = AutoTokenizer.from_pretrained(sys.argv[1])
     tok.pad_token = tok.eos_token
-    model = tiny_model("gpt2", len(tok), hidden=32, layers=1)
+    model = tiny_model("qwen2", len(tok), hidden=32, layers=1)
     enc = tok(["Question: 1+1?\\nAnswer: 2" + tok.eos_token], return_tensors="pt")
     labels = enc["input_ids"].clone()
-    model(enc["input_ids"], enc["attention_mask"], labels=labels)  # positional, as some loops do
+    model(enc["input_ids"], enc["attention_mask"], labels=labels)  # forward(input_ids, attention_mask, ...)
     raise SystemExit("not reached: sftdoctor stops the script at its first forward")
 """
 
@@ -112,6 +112,7 @@ def test_script_sees_its_own_argv_cwd_and_path_and_nothing_leaks(tmp_path, monke
                     "path0": str(scripts), "name": "__main__"}
     assert report["run"]["forward"]["caller"] == f"{script}:16"
     assert report["metrics"]["batch"]["rows"] == 1 and report["metrics"]["tokenizer"]["class"] == "GPT2Tokenizer"
+    assert report["samples"][0]["attention"] == [1] * report["metrics"]["batch"]["seq_len"]  # bound positionally
 
 
 def test_module_mode(tmp_path, monkeypatch):
@@ -166,3 +167,36 @@ def test_missing_script(tmp_path, capsys):
 def test_missing_module(capsys):
     assert run_cli("inspect-batch", "-m", "no_such_module_xyz") == 2
     assert "no module named 'no_such_module_xyz' to run" in capsys.readouterr().err
+
+
+def test_script_that_never_trains_is_inspected_at_its_first_no_grad_forward(tmp_path):
+    script = tmp_path / "evaluate.py"
+    script.write_text(textwrap.dedent(PROBE_SCRIPT).replace(
+        "model(enc[", "with torch.no_grad():\n    model(enc[").replace("raise SystemExit", "print"))
+    code, report = inspect(tmp_path, script, TOKENIZERS / "gpt2")
+    assert report["run"]["status"] == "completed" and report["run"]["forward"]["grad_enabled"] is False
+    assert "labels-pad-not-ignored" not in {f["id"] for f in report["findings"]}  # pad == eos, one row: no padding
+    assert report["metrics"]["batch"]["rows"] == 1
+
+
+def test_decoy_reports_and_probes_folders_next_to_the_script(tmp_path):
+    """A user's own reports/ or probes/ package beside train.py must not shadow sftdoctor's."""
+    for name in ("reports", "probes"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("raise ImportError('decoy imported')\n")
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(PROBE_SCRIPT))
+    code, report = inspect(tmp_path, script, TOKENIZERS / "gpt2")
+    assert report["run"]["status"] == "stopped" and report["checks"]
+
+
+def test_a_4d_attention_mask_is_left_out_not_fatal(tmp_path):
+    script = tmp_path / "train4d.py"
+    script.write_text(textwrap.dedent(PROBE_SCRIPT).replace(
+        'model(enc["input_ids"], enc["attention_mask"], labels=labels)',
+        'T = enc["input_ids"].shape[1]\n'
+        'mask4d = torch.tril(torch.ones(T, T, dtype=torch.bool))[None, None]\n'
+        'model(input_ids=enc["input_ids"], attention_mask=mask4d, labels=labels)'))
+    code, report = inspect(tmp_path, script, TOKENIZERS / "gpt2")
+    assert report["run"]["forward"]["fields_not_checked"] == ["attention_mask"]
+    assert report["metrics"]["batch"]["rows"] == 1

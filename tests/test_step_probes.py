@@ -525,3 +525,26 @@ def test_attach_to_an_hf_trainer():
     assert doc.optimizer_steps == 3 and len(doc.records) == 3
     assert r.findings == [], [f.id for f in r.findings]
     assert all(s["lr"] is not None for s in r.metrics["steps"] if s["optimizer_step"])
+
+
+def test_plain_module_returning_logits_without_tokenizer():
+    """Any nn.Module whose output is the logits tensor; no tokenizer: padding comes from the mask."""
+    hf = model("llama")
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = hf
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    m, b = Wrapper(), batch()
+    bad = pad_with(b["labels"], b["attention_mask"], 0)
+    import sftdoctor.attach  # noqa: F401  binds the submodule name: sftdoctor.attach(...) must still work
+
+    with sftdoctor.attach(m) as doc:
+        correct_loss(m(b["input_ids"], b["attention_mask"]), bad).backward()
+        r = doc.report()
+    assert r.get("grad-from-ignored-tokens").evidence["class"] == "pad"
+    assert r.metrics["steps"][0]["loss"] > 0 and r.metrics["steps"][0]["by_class"]["pad"]["tokens"] > 0

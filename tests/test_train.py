@@ -196,7 +196,8 @@ def default_run(tmp_path_factory):
     """`sftdoctor train --fix` with nothing else: tiny model, synthetic problems, CPU."""
     tmp = tmp_path_factory.mktemp("default")
     t0 = time.time()
-    code, report = train(tmp, "--fix")
+    code, report = train(tmp, "--fix", "--json", str(tmp / "copy.json"))
+    assert json.loads((tmp / "copy.json").read_text()) == json.loads((tmp / "run" / "report.json").read_text())
     return code, report, tmp / "run", time.time() - t0
 
 
@@ -274,12 +275,27 @@ def test_incident_with_fix_swaps_collator_and_dtype_and_reaches_default_figures(
         assert ev[k] >= ref[k] - 0.05
 
 
+def test_a_fail_finding_during_training_stops_the_run(tmp_path):
+    """A learning rate of 1e4 wrecks the model within a few steps: the attached probes (or the
+    non-finite-loss guard) report a fail finding and training stops there, with the report."""
+    code, report = train(tmp_path, "--learning-rate", "1e4", "--train-examples", "320", "--epochs", "1", "--eval-limit", "8")
+    assert code == 1
+    assert report.run["status"] == "stopped" and report.run["stage"] == "training"
+    assert report.verdict == "fail"
+    assert report.metrics["train"]["steps"] < 20  # 320 rows / 16 = 20 steps planned
+    assert not (tmp_path / "run" / "final").exists()
+
+
 # ---- real GSM8K ---------------------------------------------------------------------------------
 
 def test_real_gsm8k_short_run_end_to_end(tmp_path):
     code, report = train(tmp_path, "--data", str(GSM8K), "--train-examples", "160", "--epochs", "1", "--batch-size", "8",
                          "--max-length", "320", "--tiny-vocab", "1024", "--eval-limit", "8", "--max-new-tokens", "24", "--fix")
-    assert code == 0
+    # 20 steps teach a random-init model GSM8K's vocabulary, not when to stop: the checkpoint
+    # checks say so (the run still goes end to end and writes everything)
+    assert code in (0, 1)
+    assert report.run["status"] == "completed"
+    assert report.ids("fail") <= {"generation-never-stops", "generation-degenerate"}
     m = report.metrics
     assert m["data"]["source"].startswith("local") and m["data"]["train_rows"] + m["data"]["dropped_overlong"] == 160
     assert m["train"]["steps"] == m["data"]["train_rows"] // 8
@@ -331,16 +347,21 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     one = tmp_path / "one"
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "sftdoctor", "train", "--output-dir", str(one), "--batch-size", "8", *common],
-                   check=True, capture_output=True, cwd=tmp_path, env=env)
+    # 12 steps do not teach the model to stop: exit 1 from the checkpoint checks is expected here
+    r1 = subprocess.run([sys.executable, "-m", "sftdoctor", "train", "--output-dir", str(one), "--batch-size", "8", *common],
+                        capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r1.returncode in (0, 1) and Report.load(one / "report.json").run["status"] == "completed", r1.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                         "-m", "sftdoctor", "train", "--output-dir", str(two), "--batch-size", "4", *common],
                        capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode in (0, 1) and Report.load(two / "report.json").run["status"] == "completed", r.stderr[-3000:]
     a, b = steps(one), steps(two)
     assert len(a) == len(b) == 12
+    worst = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b))
+    print(f"\ntorchrun 2x4 vs 1x8: {len(a)} steps, largest relative loss difference {worst:.2e}")
     for x, y in zip(a, b):
         assert sorted(x["example_ids"]) == sorted(y["example_ids"])
-        # tolerance: gloo all-reduce sums gradients in another order than one process (fp32 rounding)
-        assert x["loss"] == pytest.approx(y["loss"], rel=2e-3, abs=2e-3)
+        # tolerance: gloo all-reduce sums gradients in another order than one process (fp32
+        # rounding); measured differences are ~2e-7 relative
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
     assert Report.load(two / "report.json").metrics["eval"]["examples"] == 4

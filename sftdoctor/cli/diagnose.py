@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tokenizer", metavar="DIR_OR_ID", help="tokenizer to use when the model folder has none")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="the dtype the model is served in (default auto: the stored dtype); float32 is always checked too")
+    p.add_argument("--attn-implementation", choices=["eager", "sdpa"], metavar="{eager,sdpa}",
+                   help="attention kernel as your serving stack runs it (fp16 overflow of Q.K^T shows under eager; default: transformers' choice)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="greedy tokens per prompt (default 64)")
     p.add_argument("--num-prompts", type=int, default=8, metavar="N", help="prompts to run (default 8)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off by default)")
@@ -37,9 +39,17 @@ def run(args: argparse.Namespace) -> int:
     from ..config import ignored_ids
     from ..diagnose import diagnose
 
+    try:  # transformers' "Loading weights" bars are noise between our report lines
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
     report = diagnose(
         args.model, base=args.base, prompts=args.prompts, dtype=None if args.dtype == "auto" else args.dtype,
         max_new_tokens=args.max_new_tokens, num_prompts=args.num_prompts, trust_remote_code=args.trust_remote_code,
-        tokenizer=args.tokenizer, prompt_format=args.prompt_format, ignore=ignored_ids(args.ignore),
+        tokenizer=args.tokenizer, prompt_format=args.prompt_format, attn_implementation=args.attn_implementation,
+        ignore=ignored_ids(args.ignore),
     )
     return finish(report, args)

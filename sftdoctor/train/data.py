@@ -203,6 +203,8 @@ def load_rows(data: str, *, data_config: str, levels: str, train_examples: int, 
         source += f" (last {n_hold} rows held out for evaluation)"
     if train_examples:
         train = train[:train_examples]
+    if eval_limit:
+        test = test[:eval_limit]
     # ids: train rows 0..n-1, test rows after them, so a row id names one example in the run
     train = [{**r, "id": i} for i, r in enumerate(train)]
     test = [{**r, "id": len(train) + i} for i, r in enumerate(test)]

@@ -7,7 +7,7 @@ runs preflight again to confirm.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..findings import CheckResult, Finding
@@ -20,16 +20,21 @@ PREFLIGHT_BATCHES = 2  # the first micro-batches training will see, plus one mix
 
 @dataclass
 class Change:
-    finding: str  # the finding id this change answers
+    finding: str  # the finding id that asked for this change
     what: str
     before: str
     after: str
+    also: list[str] = field(default_factory=list)  # other finding ids this change answers
+
+    @property
+    def findings(self) -> list[str]:
+        return [self.finding, *self.also]
 
     def line(self) -> str:
-        return f"{self.what}: {self.before} -> {self.after}   (fixes {self.finding})"
+        return f"{self.what}: {self.before} -> {self.after}   (fixes {', '.join(self.findings)})"
 
-    def to_dict(self) -> dict[str, str]:
-        return {"finding": self.finding, "what": self.what, "before": self.before, "after": self.after}
+    def to_dict(self) -> dict[str, Any]:
+        return {"finding": self.finding, "findings": self.findings, "what": self.what, "before": self.before, "after": self.after}
 
 
 # ---- checks on the whole recipe/dataset (the batch probes see only a few rows) ----------------
@@ -221,8 +226,17 @@ def apply_fixes(pipe: Pipeline, report: Report) -> tuple[Pipeline, list[Change]]
     tokenizer objects, same rows)."""
     changes: list[Change] = []
     for f in report.by_severity():
-        if should_fix(f):
-            changes += REMEDIES[f.id](pipe, f.id)
+        if not should_fix(f) or any(f.id in c.findings for c in changes):
+            continue
+        made = REMEDIES[f.id](pipe, f.id)
+        if made:
+            changes += made
+            continue
+        # nothing left to change: an earlier change (the built-in collator, a safe dtype) covers it
+        area = "dtype" if REMEDIES[f.id] is _fix_dtype else "collator"
+        earlier = next((c for c in changes if c.what == area), None)
+        if earlier is not None:
+            earlier.also.append(f.id)
     if not changes:
         return pipe, changes
     kept_examples = pipe.train_examples

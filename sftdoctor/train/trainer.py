@@ -259,7 +259,7 @@ def set_threads(recipe: Recipe) -> int:
 def console(stderr: bool = True):
     from rich.console import Console
 
-    return Console(stderr=stderr, soft_wrap=False)
+    return Console(stderr=stderr, soft_wrap=True)  # one line per message, never re-wrapped
 
 
 def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: bool = False, ignore: set[str] = frozenset(),
@@ -304,9 +304,12 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
                 for c in changes:
                     say(f"  {c.line()}")
                 preflight_info["changes"] = [c.to_dict() for c in changes]
-                preflight_info["fixed"] = [f.to_dict() for f in pre.findings if f.id in {c.finding for c in changes}]
+                answered = {i for c in changes for i in c.findings}
+                before = pre
                 pipe = fixed_pipe
                 pre = run_preflight(pipe, global_batch=global_batch, ignore=ignore)
+                # fixed: answered by a change and gone when preflight runs again
+                preflight_info["fixed"] = [f.to_dict() for f in before.findings if f.id in answered and f.id not in pre.ids()]
                 preflight_info["confirmed"] = pre.verdict != "fail"
                 say("preflight: re-run after the fixes: " + ("no fail finding" if pre.verdict != "fail" else "still failing"))
         if pre.verdict == "fail":
