@@ -376,7 +376,7 @@ class Doctor:
             self._error()
             self._collector.take()
             return
-        self.history.records.append(record)
+        self.history.add(record)
         self._current_micro.append(record.step)
         row = record.metrics_row()
         self.records.append(row)

@@ -108,11 +108,14 @@ class RunHistory:
     checked_records: int = 0
     checked_optimizer_steps: int = 0
 
+    _by_step: dict[int, StepRecord] = field(default_factory=dict, repr=False)
+
+    def add(self, record: StepRecord) -> None:
+        self.records.append(record)
+        self._by_step[record.step] = record
+
     def record(self, step: int) -> StepRecord | None:
-        for r in reversed(self.records):
-            if r.step == step:
-                return r
-        return None
+        return self._by_step.get(step)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -327,3 +327,18 @@ def test_api_rejects_bad_arguments(ckpts):
         diagnose(str(ckpts["healthy"]), dtype="int8")
     with pytest.raises(UserError, match="does not exist"):
         diagnose(str(ckpts["healthy"]), prompts=str(ckpts["root"] / "nope.jsonl"))
+    with pytest.raises(UserError, match="chat template"):
+        diagnose(str(ckpts["healthy"]), prompt_format="chat")  # the fixture tokenizer has none
+
+
+def test_prompts_from_text_and_jsonl(tmp_path):
+    from sftdoctor.diagnose import read_questions
+
+    txt = tmp_path / "q.txt"
+    txt.write_text("How many legs do 3 cats have?\n\nWhat is 2 + 2?\n", encoding="utf-8")
+    assert read_questions(txt) == ["How many legs do 3 cats have?", "What is 2 + 2?"]
+    assert len(read_questions(GSM8K / "test.jsonl")) == 1319
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no question field"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match="no 'question'"):
+        read_questions(bad)
