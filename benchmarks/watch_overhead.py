@@ -76,7 +76,7 @@ MODES = ("bare", "runner", "watch")
 
 
 def run_once(mode: str, script: Path, args: list[str]) -> dict[str, list[float]]:
-    from sftdoctor.intercept import run_script
+    from sftdoctor.runner import run_script
     from sftdoctor.watch import Watcher, WatchOptions
 
     sink = io.StringIO()

@@ -9,7 +9,7 @@ from sftdoctor.stepstats import CORRECT_OFFSET
 
 id = "labels-misaligned"
 level = "step"
-summary = "the loss targets input_ids[t+k], k != 1 (double shift / no shift), read from d loss / d logits"
+summary = "the loss scores the logits at t against the token at t+k, k != 1 (double shift / no shift), read from d loss / d logits"
 needs = ("step", "logits_grad")
 MIN_POSITIONS = 8
 MIN_MATCH = 0.8
@@ -25,14 +25,14 @@ def check(ctx) -> list[Finding]:
     best = max(match, key=lambda k: match[k])
     if best == CORRECT_OFFSET or match[best] < MIN_MATCH or match[best] <= match.get(CORRECT_OFFSET, 0.0):
         return []
-    what = {0: "the loss compares logits[t] with input_ids[t] (no shift: an identity copy)",
-            2: "the loss compares logits[t] with input_ids[t + 2] (labels shifted twice: next-next-token)"}
+    what = {0: "the loss scores the logits at position t against the token at t (no shift: an identity copy)",
+            2: "the loss scores the logits at position t against the token at t + 2 (labels shifted twice)"}
     return [Finding(
         id=id, severity="fail", level=level,
-        message=f"{what.get(best, f'the loss targets input_ids[t + {best}]')}: {match[best]:.0%} of positions with loss",
+        message=f"{what.get(best, f'the loss scores position t against the token at t + {best}')}: {match[best]:.0%} of positions with loss",
         evidence={"step": ctx.step.step, "source": "gradient", "best_offset": best, "expected_offset": CORRECT_OFFSET,
                   "k": best - CORRECT_OFFSET, "match_rate": match[best], "match_rates": t["match"],
                   "supervised_positions": t["supervised_positions"]},
-        fix=("pass unshifted labels (labels[t] = input_ids[t]) to an HF *ForCausalLM, which shifts internally; "
-             "in your own loss compare logits[:, :-1] with labels[:, 1:] exactly once"),
+        fix=("pass unshifted labels (labels = input_ids, masked with -100) to an HF *ForCausalLM, which shifts "
+             "internally; in your own loss shift exactly once: logits of positions 0..T-2 against labels of 1..T-1"),
     )]

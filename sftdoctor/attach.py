@@ -88,6 +88,7 @@ class Doctor:
         self._param_ids = {id(p) for _, p in self._named_params}
         optimizer = _unwrap_optimizer(optimizer)
         self._opt_ref = weakref.ref(optimizer) if optimizer is not None else None
+        self._foreign_optimizers: weakref.WeakSet = weakref.WeakSet()
         self._micro = 0
         self._pending: _Pending | None = None
         self._in_forward = False
@@ -200,12 +201,12 @@ class Doctor:
             pend.tensors["supervised"] = (labels[:, 1:] != IGNORE_INDEX).sum()
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
             pend.device_ids, pend.device_labels = ids, labels
-            if full:
-                pend.batch = Batch(
-                    input_ids=ids.detach().cpu().long(),
-                    attention_mask=am.detach().cpu().long() if isinstance(am, torch.Tensor) and am.shape == ids.shape else None,
-                    labels=labels.detach().cpu().long() if labels is not None else None,
-                    labels_source="labels" if labels is not None else "none")
+            if full:  # copied to the host with the step's statistics (one transfer), see _build_record
+                pend.tensors["batch.input_ids"] = ids.detach()
+                if isinstance(am, torch.Tensor) and am.shape == ids.shape:
+                    pend.tensors["batch.attention_mask"] = am.detach()
+                if labels is not None:
+                    pend.tensors["batch.labels"] = labels.detach()
         dev = ids.device.type if isinstance(ids, torch.Tensor) else "cpu"
         try:
             if torch.is_autocast_enabled(dev):
@@ -249,7 +250,9 @@ class Doctor:
                     logits.register_hook(self._logits_grad_hook(pend))
         except Exception:
             self._error()
-        pend.device_ids = pend.device_labels = None  # no reference to the batch beyond the forward
+        # no reference to the batch beyond the forward, except a sampled step's own ids/mask/labels
+        # (pend.tensors), which leave with its one host transfer at the end of the backward
+        pend.device_ids = pend.device_labels = None
         return None
 
     def _logits_grad_hook(self, pend: _Pending) -> Callable:
@@ -325,13 +328,20 @@ class Doctor:
 
     # ---- optimizer (global step hooks) ----------------------------------------------------------
     def _is_ours(self, optimizer) -> bool:
+        optimizer = _unwrap_optimizer(optimizer)
         if self._opt_ref is not None:
-            return self._opt_ref() is optimizer
+            known = self._opt_ref()
+            if known is not None:
+                return known is optimizer
+            # the optimizer we knew was deleted (rebuilt after unfreezing?): adopt one holding our params
+        if optimizer in self._foreign_optimizers:
+            return False
         for g in optimizer.param_groups:
             for p in g["params"]:
                 if id(p) in self._param_ids:
                     self._opt_ref = weakref.ref(optimizer)
                     return True
+        self._foreign_optimizers.add(optimizer)  # another model's optimizer: not looked at again
         return False
 
     def _on_optimizer_pre(self, optimizer) -> None:
@@ -410,6 +420,11 @@ class Doctor:
         for k, v in pend.grad.items():
             tensors["grad." + k] = v
         host = to_host(tensors)  # the one host sync of this step
+        if "batch.input_ids" in host:
+            pend.batch = Batch(input_ids=host["batch.input_ids"].long(),
+                               attention_mask=host["batch.attention_mask"].long() if "batch.attention_mask" in host else None,
+                               labels=host["batch.labels"].long() if "batch.labels" in host else None,
+                               labels_source="labels" if "batch.labels" in host else "none")
 
         rec = StepRecord(step=pend.step, optimizer_step_index=self.optimizer_steps, full=pend.full,
                          backward_seen=backward_seen, scaler_active=self.history.scaler_seen,
@@ -480,15 +495,18 @@ class Doctor:
             return {"module": name, "max_abs": v, "dtype": dtype_name(dt), "limit": dtype_limit(dt),
                     "finite": math.isfinite(v), "phase": phase, "step": step}
 
-        def extreme(a, b):  # max |.| over rows, NaN if any is NaN
-            t = torch.maximum(host[a].abs(), host[b].abs())
+        def extreme(*keys):  # max |.| over rows; NaN if any is NaN
+            t = torch.stack([host[k].abs() for k in keys]).amax(0)
             return float("nan") if torch.isnan(t).any() else float(t.max())
 
         rows = []
         for phase, acts, key in (("forward", fwd_acts, "act_fwd"), ("backward", bwd_acts, "act_bwd")):
             vals = host[key].tolist() if acts else []
             if phase == "backward" and "grad.grad_min" in host:  # the logits' gradient comes first in backward
-                rows.append(row(pend.logits_module, extreme("grad.grad_min", "grad.grad_max"), pend.logits_dtype, phase))
+                # |min| is the largest |coordinate| of a cross-entropy gradient row; the norm carries inf/NaN
+                rows.append(row(pend.logits_module, extreme("grad.grad_min", "grad.grad_norm") if not
+                                torch.isfinite(host["grad.grad_norm"]).all() else extreme("grad.grad_min"),
+                                pend.logits_dtype, phase))
             for (name, dt, _), v in zip(acts, vals):
                 rows.append(row(name, v, dt, phase))
             if phase == "forward" and "fwd.row_max" in host:  # the logits are the last forward output

@@ -3,16 +3,18 @@ the checkpoint probes read, and the two checks `watch` runs on what a user's scr
 generates (check_state_dict, check_generation_outputs).
 
 The scan never loads the whole model: it reads each safetensors file sequentially, one tensor at
-a time in row chunks of at most CHUNK_ELEMENTS values (header-validated plain reads into two
-reused buffers, the next chunk read by a worker thread while the current one is reduced; a
-torch .bin is opened with mmap=True), and keeps only per-tensor numbers. Plain reads rather than
-mmap: touched pages of a mapped file count in the process's RSS. No transformers import here
+a time in row chunks of at most CHUNK_ELEMENTS values, each chunk a mapping of just its own pages
+(released when the chunk is dropped, so they never pile up in this process's RSS as a
+whole-file mapping's would; no copy as a plain read makes), and keeps only per-tensor numbers,
+computed on the float bits with integer max passes (max_magnitude_bits). A torch .bin is opened
+with mmap=True. No transformers import here
 (probes import this module).
 """
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 from collections import Counter
 from contextlib import ExitStack
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+import numpy as np
 import torch
 
 from .errors import UserError
@@ -120,7 +123,8 @@ class StoredTensor:
             yield start, min(start + step, self.rows)
 
     def chunks(self, max_elements: int | None = None) -> Iterator[torch.Tensor]:
-        """The tensor in row chunks (see row_ranges); a chunk is valid until the next-but-one read."""
+        """The tensor in row chunks (see row_ranges); a chunk of a saved file maps only its own pages,
+        released when the chunk is dropped."""
         for a, b in self.row_ranges(max_elements):
             yield self.read(a, b)
 
@@ -181,15 +185,16 @@ _TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": 
                  "bool": torch.bool, "float8_e4m3fn": getattr(torch, "float8_e4m3fn", None),
                  "float8_e5m2": getattr(torch, "float8_e5m2", None)}
 MAX_HEADER = 100 << 20  # the safetensors format caps its JSON header at 100 MB
-PREFETCH = 2  # chunk reads queued ahead of the one being reduced (keeps the disk busy)
-BUFFERS = PREFETCH + 2  # per file: the chunk in use + the queued ones + one spare, so none is overwritten in use
 
 
 class SafetensorsReader:
-    """Reads row ranges of the tensors of one .safetensors file with plain sequential reads
-    (not mmap): the file's pages then never count in this process's memory, and big reads run at
-    disk speed. The header (8-byte little-endian length, then JSON) is validated against the file
-    size first, so a truncated or corrupt file is one clear error."""
+    """Reads row ranges of the tensors of one .safetensors file as zero-copy views of the file's
+    pages: each read maps just that byte range (mmap) and the mapping is released as soon as the
+    returned tensor is no longer referenced, so a sequential scan holds one chunk's pages at a
+    time (a whole-file mapping would count every touched page in this process's RSS) and
+    reduces them in place, without the copy a plain read makes. The header (8-byte
+    little-endian length, then JSON) is validated against the file size first, so a truncated or
+    corrupt file is one clear error."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -199,7 +204,7 @@ class SafetensorsReader:
         except UserError:
             self.file.close()
             raise
-        if hasattr(os, "posix_fadvise"):
+        if hasattr(os, "posix_fadvise"):  # the kernel reads ahead of a sequential scan, also for mapped pages
             os.posix_fadvise(self.file.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
     def _header(self) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
@@ -237,31 +242,42 @@ class SafetensorsReader:
         return out
 
     def read(self, name: str, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) of tensor `name`. The tensor owns its mapping: it stays valid while referenced
+        and the pages leave this process's memory when it is dropped. The mapping is private
+        copy-on-write, so nothing written to the tensor can reach the file."""
         dtype, shape, offset, nbytes = self.tensors[name]
         rows = shape[0] if shape else 1
         row_bytes = nbytes // max(rows, 1)
         a, b = max(0, a), min(rows, b)
-        buf = self._buffer(max(0, (b - a) * row_bytes))
-        self.file.seek(offset + a * row_bytes)
-        got = self.file.readinto(memoryview(buf.numpy()))
-        if got != buf.numel():
-            raise _bad_file(self.path, ValueError(f"short read in {name!r}"))
-        t = buf.view(_TORCH_DTYPES[dtype])
+        start, length = offset + a * row_bytes, max(0, (b - a) * row_bytes)
+        raw = self._map(start, length) if length else torch.empty(0, dtype=torch.uint8)
+        t = raw.view(_TORCH_DTYPES[dtype])
         return t.reshape((b - a, *shape[1:])) if shape else t.reshape(1)
 
-    def _buffer(self, nbytes: int) -> torch.Tensor:
-        """One of BUFFERS reused byte buffers, in turn: a chunk read here stays valid for the next
-        BUFFERS - 1 reads of this file (what prefetching and comparing two tensors chunk by chunk
-        need). Reuse avoids faulting in fresh pages for every chunk, which costs as much as the read."""
-        self._turn = (getattr(self, "_turn", -1) + 1) % BUFFERS
-        pool = self.__dict__.setdefault("_pool", [None] * BUFFERS)
-        if pool[self._turn] is None or pool[self._turn].numel() < nbytes:
-            pool[self._turn] = torch.empty(nbytes, dtype=torch.uint8)  # uninitialised: filled by the read
-        return pool[self._turn][:nbytes]
+    def _map(self, start: int, length: int) -> torch.Tensor:
+        """Bytes [start, start + length) of the file as a uint8 tensor over a fresh mapping."""
+        fd = self.file.fileno()
+        # touching a mapped page past the end of a file kills the process (SIGBUS): refuse a file
+        # that shrank since its header was checked (e.g. overwritten while being diagnosed)
+        if os.fstat(fd).st_size < start + length:
+            raise _bad_file(self.path, ValueError("the file shrank while being read"))
+        base = start - start % mmap.ALLOCATIONGRANULARITY  # mappings start on a granularity boundary
+        try:
+            mapping = mmap.mmap(fd, start + length - base, access=mmap.ACCESS_COPY, offset=base)
+        except (OSError, ValueError):  # a file system without mmap support: a plain read instead
+            self.file.seek(start)
+            data = torch.empty(length, dtype=torch.uint8)
+            if self.file.readinto(memoryview(data.numpy())) != length:
+                raise _bad_file(self.path, ValueError("short read")) from None
+            return data
+        if hasattr(mapping, "madvise"):  # read-ahead on page faults as for sequential reads (cold files: 3x faster)
+            mapping.madvise(mmap.MADV_SEQUENTIAL)
+        # the numpy array holds the mapping (a buffer export) and the tensor holds the array, so
+        # the pages stay mapped exactly as long as some view of them is alive
+        return torch.from_numpy(np.frombuffer(mapping, dtype=np.uint8, count=length, offset=start - base))
 
     def close(self) -> None:
-        self.file.close()
-        self.__dict__.pop("_pool", None)
+        self.file.close()  # live views keep their own mappings (mmap holds its own descriptor)
 
 
 def _in_memory(name: str, t: torch.Tensor, file: str = "") -> StoredTensor:
@@ -272,10 +288,50 @@ def _in_memory(name: str, t: torch.Tensor, file: str = "") -> StoredTensor:
 
 # ---- per-tensor statistics -----------------------------------------------------------------------
 
+# IEEE float dtype -> (integer dtype of the same width, its unsigned numpy twin, the sign bit, the
+# smallest magnitude pattern that is not finite: all exponent bits set, i.e. inf; NaNs lie above it)
+_FLOAT_BITS = {
+    torch.bfloat16: (torch.int16, np.uint16, 1 << 15, 0x7F80),
+    torch.float16: (torch.int16, np.uint16, 1 << 15, 0x7C00),
+    torch.float32: (torch.int32, np.uint32, 1 << 31, 0x7F800000),
+    torch.float64: (torch.int64, np.uint64, 1 << 63, 0x7FF0000000000000),
+}
+BIT_BLOCK = 1 << 20  # bytes reduced per step, so the second pass over them finds them in the CPU cache
+
+
+def max_magnitude_bits(chunk: torch.Tensor) -> int:
+    """max |x| of a CPU float chunk (a dtype of _FLOAT_BITS), as its bit pattern with the sign bit
+    cleared: at least the dtype's non-finite pattern when the chunk holds inf or NaN.
+
+    Invariant: in IEEE formats the bits below the sign bit, read as an unsigned integer, order
+    values by magnitude (zero < subnormals < normals < inf < NaN). A value with the sign bit clear
+    is a non-negative signed integer equal to its magnitude bits, so the signed max over the chunk
+    is the largest non-negative value's magnitude (when that max is >= 0). A value with the sign
+    bit set is, unsigned, sign bit + magnitude bits, above every value without it, so the
+    unsigned max minus the sign bit is the largest negative value's magnitude (when that max is
+    >= the sign bit). Two integer max passes: no conversion to float, no temporary tensor.
+    """
+    int_dtype, unsigned, sign, _ = _FLOAT_BITS[chunk.dtype]
+    signed = chunk.reshape(-1).view(int_dtype).numpy()  # zero copy (reshape copies only a strided chunk)
+    top, step = -1, max(1, BIT_BLOCK // signed.itemsize)
+    for i in range(0, signed.size, step):
+        block = signed[i:i + step]
+        non_negative = int(block.max())
+        top = max(top, non_negative)  # negative: no value without the sign bit in this block
+        negative = int(block.view(unsigned).max())
+        top = max(top, negative - sign)  # below 0: no value with the sign bit in this block
+    return top
+
+
+def bits_to_float(bits: int, dtype: torch.dtype) -> float:
+    """The (non-negative) value of a magnitude bit pattern of a float dtype of _FLOAT_BITS."""
+    return torch.tensor(bits, dtype=_FLOAT_BITS[dtype][0]).view(dtype).item()
+
 
 class _Stats:
-    """Per-tensor statistics accumulated chunk by chunk: one aminmax pass per chunk when all its
-    values are finite (aminmax propagates NaN and shows inf as an extreme), a counting pass otherwise."""
+    """Per-tensor statistics accumulated chunk by chunk. A float chunk on the CPU costs two
+    integer passes over its bits (max_magnitude_bits) when all its values are finite, the common
+    case; a chunk holding inf/NaN, or on another device, gets float counting passes."""
 
     def __init__(self, st: StoredTensor):
         self.st, self.nan, self.inf, self.max_abs = st, 0, 0, None
@@ -285,19 +341,32 @@ class _Stats:
         if chunk.numel() == 0:
             return
         if not self.floating:
-            m = float(chunk.abs().max()) if chunk.dtype != torch.bool else float(chunk.any())
+            if chunk.dtype == torch.bool:
+                m = float(chunk.any())
+            else:  # aminmax, not abs().max(): no temporary, and abs(-128) overflows in int8
+                lo, hi = torch.aminmax(chunk)
+                m = max(-float(lo), float(hi))
         else:
-            lo, hi = (float(x) for x in torch.aminmax(chunk))
-            if math.isfinite(lo) and math.isfinite(hi):
-                m = max(-lo, hi)
-            else:
-                isnan, isinf = torch.isnan(chunk), torch.isinf(chunk)
-                self.nan += int(isnan.sum())
-                self.inf += int(isinf.sum())
-                finite = chunk[~(isnan | isinf)]
-                m = float(finite.abs().max()) if finite.numel() else None
+            m = self._finite_max(chunk)
         if m is not None:
             self.max_abs = m if self.max_abs is None else max(self.max_abs, m)
+
+    def _finite_max(self, chunk: torch.Tensor) -> float | None:
+        """max |x| over the finite values of a float chunk (None when it has none); counts its NaN/inf."""
+        if chunk.dtype in _FLOAT_BITS and chunk.device.type == "cpu":
+            top = max_magnitude_bits(chunk)
+            if top < _FLOAT_BITS[chunk.dtype][3]:  # below the pattern of inf: every value is finite
+                return bits_to_float(top, chunk.dtype)
+        else:  # float8, or a tensor on an accelerator: one aminmax pass
+            lo, hi = (float(x) for x in torch.aminmax(chunk))
+            if math.isfinite(lo) and math.isfinite(hi):  # aminmax propagates NaN and shows inf as an extreme
+                return max(-lo, hi)
+        # some value is inf or NaN: count them, and take the max over the others
+        isnan, isinf = torch.isnan(chunk), torch.isinf(chunk)
+        self.nan += int(isnan.sum())
+        self.inf += int(isinf.sum())
+        finite = chunk[~(isnan | isinf)]
+        return float(finite.abs().max()) if finite.numel() else None
 
     def result(self) -> dict[str, Any]:
         st = self.st
@@ -311,33 +380,6 @@ def tensor_stats(st: StoredTensor) -> dict[str, Any]:
     for chunk in st.chunks():
         acc.update(chunk)
     return acc.result()
-
-
-def prefetched_chunks(tensors: list[StoredTensor]) -> Iterator[tuple[StoredTensor, torch.Tensor]]:
-    """(tensor, chunk) for every chunk of every tensor, in order, with the next PREFETCH chunks
-    read by a worker thread while the caller reduces the current one (file reads release the
-    GIL), so a scan costs about max(read, compute) rather than their sum. While the caller holds
-    chunk k, only chunks k+1..k+PREFETCH are queued: fewer than BUFFERS, so no buffer in use is
-    overwritten."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    plan = ((st, a, b) for st in tensors for a, b in st.row_ranges())
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sftdoctor-read") as pool:
-        queue: deque = deque()
-
-        def submit() -> None:
-            item = next(plan, None)
-            if item is not None:
-                queue.append((item[0], pool.submit(item[0].read, item[1], item[2])))
-
-        for _ in range(PREFETCH):
-            submit()
-        while queue:
-            st, future = queue.popleft()
-            chunk = future.result()
-            submit()  # queued before the caller gets this chunk: k+1..k+PREFETCH
-            yield st, chunk
 
 
 def _find(names: list[str], suffixes: tuple[str, ...]) -> str | None:
@@ -354,8 +396,10 @@ def _tensors_equal(a: StoredTensor, b: StoredTensor) -> tuple[bool, float | None
         return False, None
     worst = 0.0
     for start, end in a.row_ranges():
-        d = (a.read(start, end).float() - b.read(start, end).float()).abs()
-        d = torch.nan_to_num(d, nan=float("inf"))
+        x, y = a.read(start, end).float(), b.read(start, end).float()
+        # tied copies are equal bit for bit, NaN and inf included: those positions differ by 0
+        same = (x == y) | (x.isnan() & y.isnan())
+        d = torch.nan_to_num(torch.where(same, 0.0, (x - y).abs()), nan=float("inf"))
         worst = max(worst, float(d.max()) if d.numel() else 0.0)
     return worst == 0.0, worst
 
@@ -420,10 +464,9 @@ def scan_weights(folder: str | os.PathLike, *, tie_word_embeddings: bool | None 
     with ExitStack() as stack:
         fmt, tensors = open_tensors(folder, stack)
         _, files = weight_files(folder)
-        stats = {id(t): _Stats(t) for t in tensors}
-        for t, chunk in prefetched_chunks(tensors):
-            stats[id(t)].update(chunk)
-        weights = [stats[id(t)].result() for t in tensors]
+        # in file order, chunk by chunk: the kernel reads ahead (POSIX_FADV_SEQUENTIAL) while a
+        # chunk is reduced, and at most two chunks are mapped at any time
+        weights = [tensor_stats(t) for t in tensors]
         stored: Counter[str] = Counter()
         for w in weights:
             stored[w["dtype"]] += w["numel"]
@@ -575,7 +618,15 @@ def check_generation_outputs(prompts: list[list[int]], outputs: list[list[int]],
     if not cut:
         return []
     limit = max_new_tokens if max_new_tokens is not None else max(len(t) for t, _ in cut)
+    if isinstance(logits_nonfinite, (list, tuple)):
+        nonfinite = any(bool(x) for x in logits_nonfinite)
+    else:
+        nonfinite = None if logits_nonfinite is None else bool(logits_nonfinite)
     degenerate = [is_degenerate(t, pad_ids) for t, _ in cut]
+    if nonfinite:
+        # NaN logits argmax to id 0; where id 0 is also the end token the output "stops" at once,
+        # empty rather than `!!!!`: still degenerate, numerical family.
+        degenerate = [d or len(t) == 0 for d, (t, _) in zip(degenerate, cut)]
     text = tok.token_text if hasattr(tok, "token_text") else (lambda i: "")
     decode = getattr(tok, "decode", None)
 
@@ -588,12 +639,8 @@ def check_generation_outputs(prompts: list[list[int]], outputs: list[list[int]],
     n, n_deg = len(cut), sum(degenerate)
     if n_deg * 2 >= n and n_deg:
         counts = Counter(t for (toks, _), d in zip(cut, degenerate) if d for t in toks)
-        token_id, token_count = counts.most_common(1)[0]
+        token_id, token_count = counts.most_common(1)[0] if counts else (0, 0)  # empty outputs: id 0 ended them
         gen_total = sum(len(toks) for (toks, _), d in zip(cut, degenerate) if d)
-        if isinstance(logits_nonfinite, (list, tuple)):
-            nonfinite = any(bool(x) for x in logits_nonfinite)
-        else:
-            nonfinite = None if logits_nonfinite is None else bool(logits_nonfinite)
         family = "unknown" if nonfinite is None else ("numerical" if nonfinite else "learned")
         tok_text = text(token_id)
         why = {"numerical": "logits are NaN/inf (argmax of an all-NaN row is id 0)",

@@ -16,6 +16,7 @@ from typing import Any
 from .report import Report
 
 WAIT_SECONDS = float(os.environ.get("SFTDOCTOR_RANK_WAIT", "120"))  # how long rank 0 waits for the others
+STARTED = time.time()  # a rank file older than this run (less a minute of launch skew) is a stale one
 
 
 def rank() -> int | None:
@@ -60,12 +61,14 @@ def gather(report: Report) -> Report | None:
     for f in report.findings:
         if f.rank is None:
             f.rank = me
-    collected = _gather_collective(report, me, n)
+    collected, how = _gather_collective(report, me, n), "gather_object"
     if collected is None:
-        collected = _gather_files(report, me, n)
+        collected, how = _gather_files(report, me, n), "files"
     if me != 0:
         return None
-    return merge(collected, n)
+    merged = merge(collected, n)
+    merged.run["gathered_by"] = how
+    return merged
 
 
 def _gather_collective(report: Report, me: int, n: int) -> list[dict[str, Any]] | None:
@@ -89,11 +92,17 @@ def _gather_files(report: Report, me: int, n: int) -> list[dict[str, Any]]:
         return []
     deadline = time.monotonic() + WAIT_SECONDS
     paths = [folder / f"rank{r}.json" for r in range(n)]
-    while time.monotonic() < deadline and not all(p.exists() for p in paths):
+    def fresh(p: Path) -> bool:
+        try:
+            return p.stat().st_mtime >= STARTED - 60
+        except FileNotFoundError:
+            return False
+
+    while time.monotonic() < deadline and not all(fresh(p) for p in paths):
         time.sleep(0.2)
     got = []
     for p in paths:
-        if p.exists():
+        if fresh(p):
             got.append(Report.load(p).to_dict())
             p.unlink()
     try:

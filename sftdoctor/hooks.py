@@ -118,6 +118,8 @@ def logits_of(out: Any) -> torch.Tensor | None:
     lg = getattr(out, "logits", None)
     if lg is None and isinstance(out, dict):
         lg = out.get("logits")
+    if lg is None and isinstance(out, (tuple, list)):  # return_dict=False: (loss, logits, ...) or (logits, ...)
+        lg = next((t for t in out[:2] if isinstance(t, torch.Tensor) and t.dim() == 3), None)
     if lg is None:
         lg = first_tensor(out)
     if isinstance(lg, torch.Tensor) and lg.dim() == 3 and lg.is_floating_point():

@@ -1,246 +1,22 @@
-"""Run a user's training script in-process, as `python train.py` would, and catch its first
-model forward: what `sftdoctor inspect-batch train.py` and `sftdoctor watch train.py` build on.
+"""Catch the first forward of a causal LM in a user's unmodified training script, and find what
+the probes need around it (labels a custom loss keeps outside the model, the tokenizer, a
+Trainer's settings): what `sftdoctor inspect-batch train.py` and `sftdoctor watch train.py` use.
 
-The script runs as `__main__` with its own sys.argv, sys.path[0] = its folder and the user's
-cwd (coverage.py's PyRunner). Everything sftdoctor patches or the script changes in the
-interpreter (argv, path, cwd, signal handlers, patched attributes) is restored on the way out.
+The catcher is installed as transformers.PreTrainedModel.__call__ (only HF models pass through
+it) and removed again by Patches.restore(); the script itself runs through sftdoctor.runner.
 """
 from __future__ import annotations
 
-import os
-import runpy
-import signal
 import sys
-import threading
-import traceback
-from dataclasses import dataclass, field
-from pathlib import Path
-from types import FrameType, ModuleType
+from dataclasses import dataclass
+from types import FrameType
 from typing import Any, Callable, Mapping
 
 from .errors import UserError
+from .runner import Patches, StopScript, is_our_file, inherited, print_user_traceback, run_script
 
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
-_OUR_DIRS = (_PACKAGE_DIR, str(Path(__file__).resolve().parents[1] / "probes"), str(Path(__file__).resolve().parents[1] / "reports"))
 _BATCH_FIELDS = ("input_ids", "attention_mask", "position_ids", "labels")
 _LABEL_NAMES = ("labels", "targets", "target_ids", "loss_mask")  # tensors a custom loss often uses
-
-
-class StopScript(BaseException):
-    """Raised by sftdoctor inside the script to stop it cleanly (a BaseException, so a user's
-    `except Exception:` does not swallow it)."""
-
-    def __init__(self, reason: str, status: str = "stopped"):
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-
-
-# ---- patching ------------------------------------------------------------------------------
-
-class Patches:
-    """Attributes set on classes/modules, undone in reverse order by restore()."""
-
-    def __init__(self) -> None:
-        self._undo: list[tuple[Any, str, bool, Any]] = []
-
-    def set(self, owner: Any, name: str, value: Any) -> None:
-        had_own = name in vars(owner)
-        self._undo.append((owner, name, had_own, vars(owner).get(name)))
-        setattr(owner, name, value)
-
-    def restore(self) -> None:
-        while self._undo:
-            owner, name, had_own, old = self._undo.pop()
-            if had_own:
-                setattr(owner, name, old)
-            else:
-                try:
-                    delattr(owner, name)  # the attribute was inherited: deleting it uncovers the original
-                except AttributeError:
-                    pass
-
-
-def inherited(cls: type, name: str) -> Any:
-    """The attribute `name` as cls would find it without its own override."""
-    for base in cls.__mro__[1:]:
-        if name in vars(base):
-            return vars(base)[name]
-    raise AttributeError(name)
-
-
-# ---- the script --------------------------------------------------------------------------
-
-@dataclass
-class Outcome:
-    """How the user's script ended."""
-
-    status: str  # completed | crashed | exited | interrupted | stopped
-    exit_code: int = 0
-    reason: str = ""  # for stopped: why sftdoctor stopped it
-    error: dict[str, Any] | None = None  # for crashed: type, message, file, line, function
-    exception: BaseException | None = field(default=None, repr=False)
-
-    def to_run(self) -> dict[str, Any]:
-        run: dict[str, Any] = {"status": self.status, "exit_code": self.exit_code}
-        if self.reason:
-            run["reason"] = self.reason
-        if self.error:
-            run["error"] = self.error
-        return run
-
-
-def resolve_script(script: str | None, module: str | None) -> str:
-    if module:
-        import importlib.util
-
-        added = os.getcwd() not in sys.path
-        if added:
-            sys.path.insert(0, os.getcwd())  # python -m looks in the cwd first
-        try:
-            spec = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            spec = None
-        finally:
-            if added:
-                sys.path.remove(os.getcwd())
-        if spec is None:
-            raise UserError(f"no module named {module!r} to run (looked in {os.getcwd()} and on sys.path)")
-        return module
-    if not script:
-        raise UserError("no script given: sftdoctor VERB train.py [script args...]")
-    path = Path(script)
-    if path.is_dir() and (path / "__main__.py").is_file():
-        return str(path / "__main__.py")
-    if not path.is_file():
-        raise UserError(f"script {script} does not exist (cwd {os.getcwd()})")
-    return str(path)
-
-
-def run_script(script: str | None, args: list[str], *, module: str | None = None,
-               globals_out: dict[str, Any] | None = None) -> Outcome:
-    """Run the script as __main__ and return how it ended; sys/cwd/signal state is restored.
-
-    globals_out, when given, receives "globals": the script's module namespace while it runs.
-    """
-    target = resolve_script(script, module)
-    saved_argv, saved_path, saved_cwd = sys.argv[:], sys.path[:], os.getcwd()
-    saved_main = sys.modules.get("__main__")
-    saved_signals = _signal_handlers()
-    try:
-        if module:
-            sys.argv = [target, *args]  # runpy replaces argv[0] with the module's file
-            sys.path[0:1] = [os.getcwd()]  # python -m puts the cwd first
-            main_mod = None
-        else:
-            sys.argv = [target, *args]
-            sys.path[0:1] = [str(Path(target).resolve().parent)]  # as `python train.py` does
-            main_mod = ModuleType("__main__")
-            main_mod.__file__ = os.path.abspath(target)
-            main_mod.__builtins__ = __builtins__  # type: ignore[attr-defined]
-            main_mod.__cached__ = None  # type: ignore[attr-defined]
-            sys.modules["__main__"] = main_mod
-        if globals_out is not None:
-            globals_out["globals"] = main_mod.__dict__ if main_mod else None
-        return _execute(target, module, main_mod)
-    finally:
-        sys.argv = saved_argv
-        sys.path[:] = saved_path
-        if saved_main is not None:
-            sys.modules["__main__"] = saved_main
-        try:
-            os.chdir(saved_cwd)
-        except OSError:
-            pass
-        _restore_signals(saved_signals)
-
-
-def _execute(target: str, module: str | None, main_mod: ModuleType | None) -> Outcome:
-    try:
-        if module:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
-        else:
-            with open(target, "rb") as f:
-                source = f.read()
-            code = compile(source, main_mod.__file__, "exec", dont_inherit=True)
-            exec(code, main_mod.__dict__)
-    except StopScript as stop:
-        return Outcome(status=stop.status, reason=stop.reason)
-    except SystemExit as e:
-        code = e.code
-        if code is None:
-            exit_code = 0
-        elif isinstance(code, int):
-            exit_code = code
-        else:  # sys.exit("message") prints the message and exits 1, as Python does
-            print(code, file=sys.stderr)
-            exit_code = 1
-        return Outcome(status="exited", exit_code=exit_code)
-    except KeyboardInterrupt as e:
-        return Outcome(status="interrupted", exit_code=130, error=error_info(e), exception=e)
-    except BaseException as e:  # the user's exception: report it, do not re-raise
-        return Outcome(status="crashed", exit_code=1, error=error_info(e), exception=e)
-    return Outcome(status="completed")
-
-
-def _signal_handlers() -> dict[int, Any]:
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    out = {}
-    for s in signal.valid_signals():
-        try:
-            out[s] = signal.getsignal(s)
-        except (ValueError, OSError):
-            pass
-    return out
-
-
-def _restore_signals(saved: dict[int, Any]) -> None:
-    for s, handler in saved.items():
-        try:
-            if signal.getsignal(s) is not handler and handler is not None:
-                signal.signal(s, handler)
-        except (ValueError, OSError, TypeError):
-            pass
-
-
-# ---- the user's traceback, without our frames -----------------------------------------------
-
-def _is_ours(filename: str) -> bool:
-    f = os.path.abspath(filename) if not filename.startswith("<") else filename
-    return f.startswith(_OUR_DIRS) or os.path.basename(f) == "runpy.py" or f.startswith("<frozen runpy")
-
-
-def user_traceback(exc: BaseException) -> traceback.TracebackException:
-    """A TracebackException of exc (and its chain) with sftdoctor's and runpy's frames removed."""
-    te = traceback.TracebackException(type(exc), exc, exc.__traceback__)
-    seen = set()
-    todo = [te]
-    while todo:
-        t = todo.pop()
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        t.stack = traceback.StackSummary.from_list([f for f in t.stack if not _is_ours(f.filename)])
-        todo.extend(x for x in (t.__cause__, t.__context__) if x is not None)
-    return te
-
-
-def print_user_traceback(exc: BaseException, file=None) -> None:
-    file = file or sys.stderr
-    print("".join(user_traceback(exc).format()), end="", file=file)
-    file.flush()
-
-
-def error_info(exc: BaseException) -> dict[str, Any]:
-    """type, message and where (the innermost frame in the user's own code, else the innermost)."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _is_ours(f.filename)]
-    user = [f for f in frames if "site-packages" not in f.filename and not f.filename.startswith(("<", sys.prefix, sys.base_prefix))]
-    where = (user or frames or [None])[-1]
-    info: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
-    if where is not None:
-        info.update(file=where.filename, line=where.lineno, function=where.name)
-    return info
 
 
 # ---- the first forward of a causal LM ---------------------------------------------------------
@@ -411,7 +187,7 @@ def find_tokenizer(frame: FrameType | None, script_globals: Mapping[str, Any] | 
     script's globals, then (last resort) any tokenizer alive in the process."""
     depth = 0
     while frame is not None and depth < 40:
-        if not _is_ours(frame.f_code.co_filename):
+        if not is_our_file(frame.f_code.co_filename):
             for value in list(frame.f_locals.values()):
                 found = _tokenizer_in(value)
                 if found is not None:
@@ -444,6 +220,19 @@ def find_in_frames(frame: FrameType | None, kind: type, script_globals: Mapping[
         if isinstance(value, kind):
             return value
     return None
+
+
+def close_progress_bars(trainer: Any) -> None:
+    """Close a Trainer's tqdm bars (left open when sftdoctor stops the script inside train())."""
+    for cb in getattr(getattr(trainer, "callback_handler", None), "callbacks", []):
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(cb, name, None)
+            if bar is not None and hasattr(bar, "close"):
+                try:
+                    bar.close()
+                except Exception:
+                    pass
+                setattr(cb, name, None)
 
 
 def trainer_hints(frame: FrameType | None, script_globals: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -495,7 +284,7 @@ def inspect_script(script: str | None, script_args: list[str], *, module: str | 
             return
         fw = capture(model, args, kwargs, frame)
         batch, labels_from = complete_batch(fw)
-        globals_ = script_ns.get("globals") or _running_main_globals()
+        globals_ = script_ns.get("globals") or running_main_globals()
         tokenizer = find_tokenizer(fw.frame, globals_)
         hints = trainer_hints(fw.frame, globals_)
         fw.frame = None  # keep no frame alive
@@ -507,6 +296,14 @@ def inspect_script(script: str | None, script_args: list[str], *, module: str | 
             captured["report"] = inspect(fw, batch, labels_from, tokenizer, hints, True)
         except Exception as e:  # ours, not the script's: raised again once the script is unwound
             captured["error"] = e
+        try:
+            from transformers import Trainer
+
+            trainer = find_in_frames(frame, Trainer)
+            if trainer is not None:
+                close_progress_bars(trainer)
+        except ImportError:
+            pass
         raise StopScript("first model forward inspected")
 
     patches = Patches()
@@ -540,6 +337,6 @@ def inspect_script(script: str | None, script_args: list[str], *, module: str | 
                     "inspect-batch needs the script to run a forward pass")
 
 
-def _running_main_globals() -> Mapping[str, Any] | None:
+def running_main_globals() -> Mapping[str, Any] | None:
     main = sys.modules.get("__main__")
     return getattr(main, "__dict__", None)

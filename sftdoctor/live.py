@@ -118,6 +118,6 @@ class LiveView:
         if self._live is None:
             # transient: the status line disappears at the end; findings stay printed above it
             self._live = Live(t, console=self._console, auto_refresh=False, transient=True,
-                              redirect_stdout=False, redirect_stderr=False)
+                              redirect_stdout=True, redirect_stderr=False)  # the script's prints go above it
             self._live.start()
         self._live.update(t, refresh=True)

@@ -135,8 +135,8 @@ def candidate_targets(input_ids: torch.Tensor, labels: torch.Tensor | None, pad_
     cols.append(torch.full_like(input_ids, -1 if pad_id is None else int(pad_id)))
     lab = torch.full_like(input_ids, -1)
     if labels is not None and labels.shape == input_ids.shape:
-        lab[:, : T - 1] = labels[:, 1:]  # HF shift: logits[t] is scored against labels[t + 1]
-        lab[lab == IGNORE_INDEX] = -1
+        shifted = labels[:, 1:]  # HF shift: logits[t] is scored against labels[t + 1]
+        lab[:, : T - 1] = torch.where(shifted == IGNORE_INDEX, torch.full_like(shifted, -1), shifted)  # no sync
     cols.append(lab)
     return torch.stack(cols, dim=-1)
 
@@ -200,16 +200,16 @@ def logits_forward_stats(logits: torch.Tensor, candidates: torch.Tensor | None) 
         shifted, expd = buf_a[:n], buf_b[:n]
         mx, am = arg_extreme(x, largest=True)
         argmax[sl], row_max[sl] = am, mx
-        mn = x.amin(dim=-1)
-        row_min[sl] = mn
-        torch.sub(x, mx[:, None], out=shifted)
-        if dev.type == "cpu" and bool(((mx - mn) > 80.0).any()):  # CPU only: no device sync
+        torch.sub(x, mx[:, None], out=shifted)  # x - max (<= 0); the passes below read cache-warm buffers
+        low = shifted.amin(dim=-1)
+        row_min[sl] = mx + low
+        if dev.type == "cpu" and bool((low < -80.0).any()):  # CPU only: no device sync
             shifted.clamp_(min=-80.0)  # exp below -87 is denormal in fp32: very slow on CPU, and adds < 1e-34
-        torch.exp(shifted, out=expd)  # exp(x - max) into a separate buffer (in place is slower)
+        torch.exp(shifted, out=expd)  # e = exp(x - max), into a separate buffer (in place is slower)
         s = expd.sum(dim=-1)
-        ex = expd.mul_(x).sum(dim=-1)  # sum e * x
+        es = expd.mul_(shifted).sum(dim=-1)  # sum e * (x - max)
         lse[sl] = mx + s.log()
-        entropy[sl] = lse[sl] - ex / s  # H = lse - sum p * x
+        entropy[sl] = s.log() - es / s  # H = lse - sum p x = log s - sum p (x - max)
         norm[sl] = torch.linalg.vector_norm(x, dim=-1)  # inf/NaN propagate: doubles as the finiteness test
         if cand is not None:
             cand[sl] = x.gather(-1, cflat[sl])
@@ -223,21 +223,20 @@ def logits_forward_stats(logits: torch.Tensor, candidates: torch.Tensor | None) 
 @torch.no_grad()
 def logits_grad_stats(grad: torch.Tensor, logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Per logits row of d loss / d logits: L2 norm, most negative coordinate and its index (the
-    effective target of a cross-entropy-like loss: softmax - onehot is negative only there), the
-    largest coordinate, and the logit at the target when the logits are still alive."""
+    effective target of a cross-entropy-like loss: softmax - onehot is negative only there), and
+    the logit at the target when the logits are still alive. For such a loss |g[target]| is also the
+    row's largest |coordinate| (w (1 - p_y) >= w p_j), so no max pass is spent on it."""
     B, T, V = grad.shape
     N = B * T
     flat = grad.reshape(N, V)
     gnorm = torch.empty(N, device=grad.device)
-    gmin, gmax = torch.empty_like(gnorm), torch.empty_like(gnorm)
+    gmin = torch.empty_like(gnorm)
     target = torch.empty(N, dtype=torch.long, device=grad.device)
     for sl in _chunks(N, V):
         g = flat[sl].float().contiguous()
-        gnorm[sl] = torch.linalg.vector_norm(g, dim=-1)
+        gnorm[sl] = torch.linalg.vector_norm(g, dim=-1)  # inf/NaN propagate: the finiteness test
         gmin[sl], target[sl] = arg_extreme(g, largest=False)
-        gmax[sl] = g.amax(dim=-1)
-    out = {"grad_norm": gnorm.reshape(B, T), "grad_min": gmin.reshape(B, T), "grad_max": gmax.reshape(B, T),
-           "target": target.reshape(B, T)}
+    out = {"grad_norm": gnorm.reshape(B, T), "grad_min": gmin.reshape(B, T), "target": target.reshape(B, T)}
     if logits is not None and tuple(logits.shape) == (B, T, V):
         out["target_logit"] = logits.detach().gather(-1, out["target"][..., None])[..., 0].float()
     return out
@@ -248,7 +247,8 @@ def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     items = [(k, t) for k, t in tensors.items() if t is not None]
     if not items:
         return {}
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for _, t in items]).cpu()
+    dev = items[0][1].device  # (a model split over devices: gather on one first, device to device)
+    flat = torch.cat([t.detach().reshape(-1).to(device=dev, dtype=torch.float64) for _, t in items]).cpu()
     out, i = {}, 0
     for k, t in items:
         n = t.numel()

@@ -44,6 +44,8 @@ def tiny_model(arch: str = "qwen2", vocab_size: int = 2048, *, seed: int = 0, at
     cfg = tiny_config(arch, vocab_size, **kw)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
+    if kw.get("dtype"):
+        model.config.dtype = kw["dtype"]  # from_config(dtype=float32) overwrote what the checkpoint says
     return model
 
 

@@ -11,7 +11,6 @@ stopped by --fail-fast / --max-steps), and everything patched is restored.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -20,10 +19,11 @@ import torch
 
 from . import distributed
 from .findings import CheckResult, Finding
-from .intercept import (ForwardCatcher, Patches, StopScript, _running_main_globals, capture, complete_batch, find_in_frames,
-                        find_tokenizer, print_user_traceback, probe_ready, run_script, trainer_hints)
+from .intercept import (ForwardCatcher, running_main_globals, capture, close_progress_bars, complete_batch, find_in_frames,
+                        find_tokenizer, probe_ready, trainer_hints)
 from .live import LiveView
 from .report import Report
+from .runner import Patches, StopScript, print_user_traceback, resolve_script, run_script
 
 CHECKPOINT_IDS = ("weights-nonfinite", "tied-weights-mismatch")
 GENERATION_IDS = ("generation-degenerate", "generation-never-stops")
@@ -63,13 +63,12 @@ class Watcher:
         self.optimizer_steps = 0  # steps of any optimizer holding a parameter of a watched model
         self._optimizer_is_ours: dict[int, bool] = {}
         self._step_hook = None
+        self._trainers: list[Any] = []
 
     # ---- running -------------------------------------------------------------------------------
     def run(self, script: str | None, args: list[str], *, module: str | None = None) -> Report:
         """Run the script with everything attached; return the finished report (report.run says
         how the script ended)."""
-        from .intercept import resolve_script
-
         target = resolve_script(script, module)
         self.view.started(module and f"-m {module}" or target)
         self.install()
@@ -88,6 +87,10 @@ class Watcher:
             print_user_traceback(outcome.exception)
         self.report.run.update(outcome.to_run())
         self.report.run["script"] = module or script
+        self.report.run["argv"] = [target, *args]
+        self.report.run["options"] = {"every": self.options.every, "full_steps": self.options.full_steps,
+                                      "fail_fast": self.options.fail_fast, "max_steps": self.options.max_steps,
+                                      "step_probes": self.options.step_probes}
         if self.rank is not None:
             self.report.run["rank"] = self.rank
         return self.report
@@ -110,7 +113,10 @@ class Watcher:
             watcher = self
 
             def train(trainer, *args, **kwargs):
-                watcher._attach_trainer(trainer)
+                try:
+                    watcher._attach_trainer(trainer)
+                except Exception as e:  # e.g. a model_init Trainer: attached at its first forward instead
+                    watcher.report.run.setdefault("internal_errors", []).append(f"attach(trainer): {type(e).__name__}: {e}")
                 return original_train(trainer, *args, **kwargs)
 
             self._patches.set(Trainer, "train", train)
@@ -123,7 +129,10 @@ class Watcher:
             result = original_save(obj, f, *args, **kwargs)
             if isinstance(obj, Mapping) and not watcher._saving:
                 where = os.fsdecode(f) if isinstance(f, (str, bytes, os.PathLike)) else "<file object>"
-                watcher._check_saved(obj, None, where)
+                try:
+                    watcher._check_saved(obj, None, where)
+                except Exception as e:
+                    watcher.report.run.setdefault("internal_errors", []).append(f"torch.save: {type(e).__name__}: {e}")
             return result
 
         self._patches.set(torch, "save", save)
@@ -160,7 +169,10 @@ class Watcher:
         def patched(obj, *args, **kwargs):
             result = original(obj, *args, **kwargs)
             if not watcher._saving:
-                after(obj, args, kwargs, result)
+                try:
+                    after(obj, args, kwargs, result)
+                except Exception as e:  # a check of ours failing must not fail the user's save
+                    watcher.report.run.setdefault("internal_errors", []).append(f"{name}: {type(e).__name__}: {e}")
             return result
 
         patched.__wrapped__ = original
@@ -183,7 +195,7 @@ class Watcher:
             self.report.run.setdefault("internal_errors", []).append(f"{type(e).__name__}: {e}")
 
     def _first_forward_of(self, model, args, kwargs, frame) -> None:
-        script_globals = self._script_ns.get("globals") or _running_main_globals()
+        script_globals = self._script_ns.get("globals") or running_main_globals()
         fw = capture(model, args, kwargs, frame)
         if self._tokenizer is None:
             self._tokenizer = find_tokenizer(frame, script_globals)
@@ -236,6 +248,8 @@ class Watcher:
             self._tokenizer_info = doctor.tokenizer
 
     def _attach_trainer(self, trainer) -> None:
+        if trainer not in self._trainers:
+            self._trainers.append(trainer)
         if id(trainer.model) in self._attached or not self.options.step_probes:
             return
         tokenizer = getattr(trainer, "processing_class", None) or self._tokenizer
@@ -245,12 +259,12 @@ class Watcher:
 
     # ---- callbacks from the Doctor (safe points: raising here reaches the script) ------------------
     def _on_doctor_finding(self, finding: Finding) -> None:
-        self._add([finding], already_new=True)
+        self._add([finding])
 
     def _on_step(self, row: dict[str, Any]) -> None:
         self.view.step(row, self.optimizer_steps)
 
-    def _add(self, findings: Iterable[Finding], *, already_new: bool = False) -> None:
+    def _add(self, findings: Iterable[Finding]) -> None:
         new = self.report.add(findings)
         for f in new:
             self.view.finding(f)
@@ -305,7 +319,7 @@ class Watcher:
             return
         info = self._tokenizer_info
         if info is None:
-            tok = self._tokenizer or find_tokenizer(None, self._script_ns.get("globals") or _running_main_globals())
+            tok = self._tokenizer or find_tokenizer(None, self._script_ns.get("globals") or running_main_globals())
             info = TokenizerInfo.from_tokenizer(tok) if tok is not None else None
         if info is None:
             return
@@ -362,6 +376,8 @@ class Watcher:
                 self.report.metrics.setdefault(k, v)
             if not self.report.samples and part.samples:
                 self.report.samples = part.samples
+        for trainer in self._trainers:
+            close_progress_bars(trainer)
         self.report.metrics["optimizer_steps"] = max(self.optimizer_steps, self.report.metrics.get("optimizer_steps") or 0)
         if not self._batch_done:
             self.report.run["note"] = "no training forward of a causal LM was seen"
@@ -375,10 +391,11 @@ def _status(found: list[Finding], finding_id: str) -> str:
 def exit_code(report: Report) -> int:
     """The script's exit code when the script failed (exception 1, sys.exit(n) n, Ctrl-C 130),
     else 1 when a fail finding was found, else 0."""
-    run = report.run
-    status, code = run.get("status"), run.get("exit_code") or 0
-    if status in ("crashed", "interrupted") or (status == "exited" and code != 0):
-        return int(code) if isinstance(code, int) else 1
+    # several ranks (a merged report): the first rank whose script failed decides
+    for run in [report.run, *report.run.get("ranks", [])]:
+        status, code = run.get("status"), run.get("exit_code") or 0
+        if status in ("crashed", "interrupted") or (status == "exited" and code != 0):
+            return int(code) if isinstance(code, int) else 1
     return 1 if report.verdict == "fail" else 0
 
 
@@ -388,7 +405,3 @@ def watch(script: str | None, args: list[str], *, module: str | None = None, opt
     watcher = Watcher(options or WatchOptions(), view)
     report = watcher.run(script, args, module=module)
     return distributed.gather(report)
-
-
-def finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -36,9 +35,9 @@ def inspect(tmp_path, script, *script_args, ignore=()):
     return code, json.loads(out.read_text())
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # scripts write into their cwd
     return tmp_path
 
 

@@ -486,6 +486,8 @@ def test_sampling_policy_full_steps_then_every_n():
     with attach(m, small_tok(), optimizer=opt, every=4, full_steps=2) as doc:
         for _ in range(9):
             hf_step(m, b, opt)
+            with torch.no_grad():
+                m(**b)  # evaluation forwards (and generate) are not training steps
         r = doc.report()
     assert [s["full"] for s in r.metrics["steps"]] == [True, True, False, False, True, False, False, False, True]
     assert doc.optimizer_steps == 9 and all(s["grad_norm"] > 0 for s in doc.records)
@@ -506,7 +508,7 @@ def test_inspect_batch_with_a_model_runs_one_step_without_updating_it():
     assert not {"grad-from-ignored-tokens", "labels-misaligned", "loss-nonfinite"} & clean.ids()
 
 
-def test_attach_to_an_hf_trainer():
+def test_attach_to_an_hf_trainer(tmp_path):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
@@ -514,7 +516,7 @@ def test_attach_to_an_hf_trainer():
     rows = [{k: v[i].tolist() for k, v in b.items()} for i in range(8)]
     ds = Dataset.from_list(rows)
     m = model("qwen2")
-    args = TrainingArguments(output_dir="/tmp/sftdoctor-test-trainer", per_device_train_batch_size=4, max_steps=3,
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
                              learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no",
                              use_cpu=True, dataloader_num_workers=0)
     trainer = Trainer(model=m, args=args, train_dataset=ds, processing_class=small_tok())
@@ -548,3 +550,19 @@ def test_plain_module_returning_logits_without_tokenizer():
         r = doc.report()
     assert r.get("grad-from-ignored-tokens").evidence["class"] == "pad"
     assert r.metrics["steps"][0]["loss"] > 0 and r.metrics["steps"][0]["by_class"]["pad"]["tokens"] > 0
+
+
+def test_only_the_attached_models_optimizer_steps_count():
+    m, other, b = model("qwen2"), model("gpt2"), batch()
+    opt_other = torch.optim.SGD(other.parameters(), lr=1e-3)
+    with attach(m, small_tok()) as doc:  # no optimizer given: found by its parameters
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+        for _ in range(2):
+            hf_step(m, b, opt)
+            hf_step(other, b, opt_other)
+        del opt  # rebuilt (e.g. after unfreezing): the new one is adopted
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+        hf_step(m, b, opt)
+        r = doc.report()
+    assert doc.optimizer_steps == 3 and len(doc.records) == 3
+    assert [s["optimizer_step"] for s in r.metrics["steps"]] == [True, True, True]

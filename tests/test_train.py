@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GSM8K, REPO
+from conftest import GSM8K, TOKENIZERS
 
 from sftdoctor.cli import main as cli
 from sftdoctor.report import Report
@@ -286,6 +286,60 @@ def test_a_fail_finding_during_training_stops_the_run(tmp_path):
     assert not (tmp_path / "run" / "final").exists()
 
 
+@pytest.mark.parametrize("flags,finding,what,after", [
+    (["--no-append-eos"], "labels-eos-missing", "append_eos", "True"),
+    (["--max-length", "30", "--overlong", "truncate"], "truncation-answer-lost", "max_length", "fits every answer"),
+])
+def test_preflight_refuses_and_fix_repairs_recipe_mistakes(tmp_path, capsys, flags, finding, what, after):
+    base = ["--train-examples", "64", "--eval-limit", "8", "--dry-run", *flags]
+    code, report = train(tmp_path / "refused", *base)
+    assert code == 1 and report.run["status"] == "refused" and finding in report.ids("fail")
+    capsys.readouterr()
+    code, report = train(tmp_path / "fixed", *base, "--fix")
+    err = capsys.readouterr().err
+    assert code == 0 and report.run["status"] == "dry-run", err
+    change = next(c for c in report.metrics["preflight"]["changes"] if c["what"] == what)
+    assert finding in change["findings"] and after in change["after"]
+    assert f"{what}: {change['before']} -> {change['after']}" in err  # printed as a before -> after line
+    assert finding not in report.ids() and report.metrics["preflight"]["confirmed"]
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer_model(tmp_path_factory):
+    """A local model folder: Qwen2.5's real tokenizer (pad <|endoftext|>, eos <|im_end|>, a chat
+    template) with a tiny random-init model sized to it."""
+    from transformers import AutoTokenizer
+
+    from sftdoctor.tiny import tiny_model
+
+    d = tmp_path_factory.mktemp("qwen") / "model"
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZERS / "qwen2.5"))
+    tiny_model("qwen2", len(tok), hidden=32, layers=1).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("fmt", ["plain", "chat"])
+def test_preflight_passes_on_a_real_tokenizer_in_both_prompt_formats(tmp_path, qwen_tokenizer_model, fmt):
+    code, report = train(tmp_path, "--model", str(qwen_tokenizer_model), "--prompt-format", fmt, "--train-examples", "32",
+                         "--batch-size", "4", "--dry-run")
+    assert code == 0 and report.run["status"] == "dry-run" and report.ids("fail") == set()
+    row = report.samples[0]
+    supervised = [i for i, lab in zip(row["ids"], row["labels"]) if lab != IGNORE_INDEX]
+    assert supervised[-1] == 151645  # <|im_end|>: what Qwen2.5-Instruct stops on, supervised
+
+
+def test_a_collator_that_raises_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    mod = tmp_path / "broken_collator.py"
+    mod.write_text("def collate(features):\n    raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = cli(["train", "--output-dir", str(tmp_path / "o"), *ONE_THREAD, "--train-examples", "64", "--collator", "broken_collator:collate"])
+    err = capsys.readouterr().err.strip().splitlines()
+    # the run's status lines come first; the error is one line, no traceback
+    assert code == 2 and err[-1].startswith("sftdoctor: error:") and "raised RuntimeError: boom" in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
 # ---- real GSM8K ---------------------------------------------------------------------------------
 
 def test_real_gsm8k_short_run_end_to_end(tmp_path):
@@ -350,11 +404,13 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     # 12 steps do not teach the model to stop: exit 1 from the checkpoint checks is expected here
     r1 = subprocess.run([sys.executable, "-m", "sftdoctor", "train", "--output-dir", str(one), "--batch-size", "8", *common],
                         capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert r1.returncode in (0, 1) and Report.load(one / "report.json").run["status"] == "completed", r1.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    assert r1.returncode in (0, 1), r1.stderr[-3000:]
+    assert Report.load(one / "report.json").run["status"] == "completed"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "sftdoctor", "train", "--output-dir", str(two), "--batch-size", "4", *common],
                        capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert r.returncode in (0, 1) and Report.load(two / "report.json").run["status"] == "completed", r.stderr[-3000:]
+    assert r.returncode in (0, 1), r.stderr[-3000:]
+    assert Report.load(two / "report.json").run["status"] == "completed"
     a, b = steps(one), steps(two)
     assert len(a) == len(b) == 12
     worst = max(abs(x["loss"] - y["loss"]) / abs(x["loss"]) for x, y in zip(a, b))

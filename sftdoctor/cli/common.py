@@ -34,9 +34,14 @@ def print_report(report: Report, args: argparse.Namespace) -> None:
 
 
 def finish(report: Report, args: argparse.Namespace, *, show: bool = True) -> int:
-    """Print, write --json/--html, and return the exit code (0 pass/warn, 1 fail)."""
-    if show:
-        print_report(report, args)
+    """Write --json/--html, print, and return the exit code (0 pass/warn, 1 fail).
+
+    Files are written before printing, so a closed stdout (`| head`) never loses the report."""
     write_outputs(report, args)
-    sys.stdout.flush()
+    if show:
+        try:
+            print_report(report, args)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            pass
     return 1 if report.verdict == "fail" else 0

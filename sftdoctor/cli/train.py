@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--config", metavar="FILE", help="recipe fields from a .yaml or .toml file (flags override it)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir (no example repeated or skipped)")
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoints, model and report of a non-empty --output-dir")
+    p.add_argument("--dry-run", action="store_true", help="stop after preflight (and --fix): check the pipeline without training")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_recipe_arguments(p)
     add_output_options(p)
@@ -42,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
         raise UserError("--resume needs --output-dir (the run to continue)")
     report, out = run_training(recipe, fix=args.fix, resume=args.resume, overwrite=args.overwrite,
-                               ignore=ignored_ids(args.ignore), show_progress=not args.no_progress)
+                               ignore=ignored_ids(args.ignore), show_progress=not args.no_progress,
+                               dry_run=args.dry_run)
     if not is_main():
         return 1 if report.verdict == "fail" else 0
     code = finish(report, args, show=True)

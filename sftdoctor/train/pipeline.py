@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UserError
-from .collate import Collator, LengthGroupedSampler, WithExampleIds, encode_example, end_token_id, fit_length
+from .collate import Collator, LengthGroupedSampler, encode_example, end_token_id, fit_length
 from .data import load_rows
 from .recipe import Recipe
 
@@ -234,6 +234,3 @@ def rank() -> int:
 
     return int(os.environ.get("RANK", "0"))
 
-
-def collator_with_ids(collate: Callable) -> WithExampleIds:
-    return WithExampleIds(collate)

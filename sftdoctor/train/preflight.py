@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..errors import UserError
 from ..findings import CheckResult, Finding
 from ..report import Report
 from .collate import IGNORE_INDEX
-from .pipeline import Pipeline, add_pad_token, build_pipeline, resize_embeddings, safe_dtype
+from .pipeline import Pipeline, add_pad_token, build_pipeline, resize_embeddings, safe_dtype, tokenize
 
 PREFLIGHT_BATCHES = 2  # the first micro-batches training will see, plus one mixed-length batch
 
@@ -87,15 +88,21 @@ def run_preflight(pipe: Pipeline, *, global_batch: int, ignore: set[str] = froze
 
     report = Report(command="train")
     shown_failure = False
-    checked = pipe.first_batches(batches, global_batch, pipe.recipe.seed) + [pipe.mixed_length_batch()]
+    try:
+        checked = pipe.first_batches(batches, global_batch, pipe.recipe.seed) + [pipe.mixed_length_batch()]
+    except Exception as e:  # the user's collate function raised: say so in one line
+        if not pipe.recipe.collator:
+            raise
+        raise UserError(f"--collator {pipe.recipe.collator} raised {type(e).__name__}: {str(e)[:200]}") from None
     for k, batch in enumerate(checked):
         try:
             # step probes (when available) run a forward+backward on this batch with no update
             one = inspect_batch(batch, pipe.tokenizer, pipe.model, hints=hints(pipe), ignore=ignore, command="train")
-        except (TypeError, ValueError, KeyError) as e:  # a user collator returned something unusable
-            from ..errors import UserError
-
-            raise UserError(f"preflight could not read batch {k} from the collator ({type(e).__name__}: {e})") from None
+        except (TypeError, ValueError, KeyError, AttributeError) as e:  # a user collator returned something unusable
+            if not pipe.recipe.collator:
+                raise
+            raise UserError(f"--collator {pipe.recipe.collator} returned a batch preflight cannot read ({type(e).__name__}: {str(e)[:160]}); "
+                            "return a dict with input_ids, attention_mask and labels tensors") from None
         for f in one.findings:
             f.step = None
         report.merge(one)
@@ -153,9 +160,7 @@ def _fix_dtype(pipe: Pipeline, fid: str) -> list[Change]:
 
 def _fix_truncation(pipe: Pipeline, fid: str) -> list[Change]:
     r = pipe.recipe
-    longest = max(len(ex["input_ids"]) for ex in build_pipeline(r.replace(overlong="drop", max_length=1 << 30),
-                                                                  model_and_tokenizer=(pipe.tokenizer, pipe.model, pipe.saved_dtype),
-                                                                  rows=(pipe.train_rows, pipe.eval_rows, pipe.source)).train_examples)
+    longest = max(len(ex["input_ids"]) for ex in tokenize(pipe.tokenizer, pipe.train_rows, r))  # uncut lengths
     limit = getattr(pipe.model.config, "max_position_embeddings", None) or longest
     if longest <= limit:
         pipe.recipe = r.replace(max_length=longest, overlong="drop")

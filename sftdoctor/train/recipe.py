@@ -42,7 +42,7 @@ class Recipe:
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (the loss is normalised over all their supervised tokens)"})
     seed: int = field(default=0, metadata={"help": "seed for the model init, the data order and the synthetic problems"})
     save_every: int = field(default=0, metadata={"help": "also save a checkpoint every N optimizer steps (0: only at the end of each epoch)"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: the number of cores, at most 4)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: the cores not already busy by the load average, at most 8, split between local processes)"})
     # ---- evaluation ------------------------------------------------------------------------
     eval_limit: int = field(default=200, metadata={"help": "held-out problems to evaluate (0: the whole test split)"})
     eval_batch_size: int = field(default=50, metadata={"help": "rows per generation batch"})

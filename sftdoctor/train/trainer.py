@@ -137,18 +137,24 @@ def step_logger_class():
             self.step_started = None
             ids, sup, tok = self.ids, self.supervised, self.tokens
             if world_size() > 1 and torch.distributed.is_initialized():
+                # every rank must stop together (a rank left alone would wait forever in the
+                # next all-reduce), and the step log lists the examples of all ranks
                 gathered: list = [None] * world_size()
-                torch.distributed.all_gather_object(gathered, (ids, sup, tok))
+                torch.distributed.all_gather_object(gathered, (ids, sup, tok, bool(control.should_training_stop)))
                 ids = [i for g in gathered for i in g[0]]
                 sup, tok = sum(g[1] for g in gathered), sum(g[2] for g in gathered)
+                if any(g[3] for g in gathered):
+                    control.should_training_stop = True
             self.pending = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "example_ids": ids,
                             "supervised_tokens": sup, "tokens": tok, "seconds": round(elapsed, 4)}
             self.train_time += elapsed
             self.total_supervised += sup
             self.total_tokens += tok
             self.ids, self.supervised, self.tokens = [], 0, 0
-            if self.save_each_epoch and state.epoch is not None and abs(state.epoch - round(state.epoch)) < 1e-9 and state.global_step:
-                control.should_save = True  # checkpoints each epoch also when saving every N steps
+
+        def on_epoch_end(self, args, state, control, **kw):
+            if self.save_each_epoch:
+                control.should_save = True  # a checkpoint each epoch also when saving every N steps
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
@@ -263,9 +269,9 @@ def console(stderr: bool = True):
 
 
 def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: bool = False, ignore: set[str] = frozenset(),
-        show_progress: bool = True, say=None) -> tuple[Report, Path]:
+        show_progress: bool = True, dry_run: bool = False, say=None) -> tuple[Report, Path]:
     """Train per the recipe. Returns (report, output dir). The report's verdict is fail when
-    preflight refused the run or a probe stopped it."""
+    preflight refused the run or a probe stopped it. dry_run: stop after preflight (and --fix)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from ..api import environment
@@ -278,7 +284,7 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
     torch.manual_seed(recipe.seed)
     out = prepare_output_dir(recipe, resume, overwrite)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=err, transient=True) if (main and show_progress) else None
+                        console=err, transient=True) if (main and show_progress and err.is_terminal) else None
 
     report = Report(command="train", environment=environment())
     report.metrics["recipe"] = recipe.to_dict()
@@ -293,42 +299,25 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
         say(f"note: {note}")
 
     # ---- preflight ------------------------------------------------------------------------
-    global_batch = recipe.batch_size * recipe.grad_accum * world_size()
-    pre = run_preflight(pipe, global_batch=global_batch, ignore=ignore)
-    preflight_info: dict[str, Any] = {"batches_checked": PREFLIGHT_BATCHES + 1, "findings": [f.id for f in pre.findings], "changes": [], "fixed": []}
-    if pre.verdict == "fail" or (fix and pre.findings):
-        if fix:
-            fixed_pipe, changes = apply_fixes(pipe, pre)
-            if changes:
-                say("preflight: --fix changed:")
-                for c in changes:
-                    say(f"  {c.line()}")
-                preflight_info["changes"] = [c.to_dict() for c in changes]
-                answered = {i for c in changes for i in c.findings}
-                before = pre
-                pipe = fixed_pipe
-                pre = run_preflight(pipe, global_batch=global_batch, ignore=ignore)
-                # fixed: answered by a change and gone when preflight runs again
-                preflight_info["fixed"] = [f.to_dict() for f in before.findings if f.id in answered and f.id not in pre.ids()]
-                preflight_info["confirmed"] = pre.verdict != "fail"
-                say("preflight: re-run after the fixes: " + ("no fail finding" if pre.verdict != "fail" else "still failing"))
-        if pre.verdict == "fail":
-            report.merge(pre)
-            report.samples = pre.samples
-            report.metrics.update({k: v for k, v in pre.metrics.items()})
-            report.metrics["preflight"] = preflight_info
-            report.run = {"status": "refused", "stage": "preflight", "exit_code": 1,
-                          "message": "preflight found failures; nothing was trained" + ("" if fix else " (--fix repairs what it can)")}
-            _write_report(report, out)
-            return report, out
+    pipe, pre, preflight_info = preflight_stage(pipe, fix=fix, ignore=ignore, say=say)
     report.merge(pre)
     report.samples = pre.samples
-    report.metrics.update({k: v for k, v in pre.metrics.items()})
+    report.metrics.update(pre.metrics)
     report.metrics["preflight"] = preflight_info
     report.metrics["recipe"] = pipe.recipe.to_dict()
+    if pre.verdict == "fail":
+        report.run = {"status": "refused", "stage": "preflight", "exit_code": 1,
+                      "message": "preflight found failures; nothing was trained" + ("" if fix else " (--fix repairs what it can)")}
+        _write_report(report, out)
+        return report, out
     report.metrics["data"] = {"source": pipe.source, "train_rows": len(pipe.train_examples), "eval_rows": len(pipe.eval_rows),
                               **pipe.length_stats, "notes": pipe.notes}
     recipe = pipe.recipe
+    if dry_run:
+        report.run = {"status": "dry-run", "stage": "preflight", "exit_code": 1 if report.verdict == "fail" else 0,
+                      "message": "preflight passed; --dry-run stops before training"}
+        _write_report(report, out)
+        return report, out
 
     # ---- training -------------------------------------------------------------------------
     StepLogger = step_logger_class()
@@ -357,6 +346,8 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
         except Exception as e:  # the attached probes must never take the run down
             report.run["probe_error"] = f"{type(e).__name__}: {e}"
     report.metrics["train"] = {**logger.throughput(), "steps": trainer.state.global_step, "wall_seconds": round(time.time() - started, 2),
+                               # HF Trainer passes num_items_in_batch (checked in make_trainer)
+                               "loss_normalisation": "sum over supervised tokens / supervised tokens of the accumulated batch, all ranks",
                                "final_loss": logger.records[-1]["loss"] if logger.records else None,
                                "first_loss": logger.records[0]["loss"] if logger.records else None}
     report.metrics["steps"] = [{k: rec[k] for k in ("step", "loss", "grad_norm", "lr")} for rec in _all_steps(out, logger)]
@@ -394,6 +385,31 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
     report.run = {**report.run, "status": "completed", "exit_code": 1 if report.verdict == "fail" else 0, "output_dir": str(out), "final_model": str(final)}
     _write_report(report, out)
     return report, out
+
+
+def preflight_stage(pipe: Pipeline, *, fix: bool, ignore: set[str], say) -> tuple[Pipeline, Report, dict[str, Any]]:
+    """Probes on the first real batches; with --fix, apply the remedies, print each change and
+    run preflight again. Returns the (possibly rebuilt) pipeline, the last preflight report and
+    what happened, for report.metrics["preflight"]."""
+    global_batch = pipe.recipe.batch_size * pipe.recipe.grad_accum * world_size()
+    pre = run_preflight(pipe, global_batch=global_batch, ignore=ignore)
+    info: dict[str, Any] = {"batches_checked": PREFLIGHT_BATCHES + 1, "findings": [f.id for f in pre.findings], "changes": [], "fixed": []}
+    if not fix or not pre.findings:
+        return pipe, pre, info
+    fixed_pipe, changes = apply_fixes(pipe, pre)
+    if not changes:
+        return pipe, pre, info
+    say("preflight: --fix changed:")
+    for c in changes:
+        say(f"  {c.line()}")
+    answered = {i for c in changes for i in c.findings}
+    before, pre = pre, run_preflight(fixed_pipe, global_batch=global_batch, ignore=ignore)
+    info["changes"] = [c.to_dict() for c in changes]
+    # fixed: answered by a change and gone when preflight runs again
+    info["fixed"] = [f.to_dict() for f in before.findings if f.id in answered and f.id not in pre.ids()]
+    info["confirmed"] = pre.verdict != "fail"
+    say("preflight: re-run after the fixes: " + ("no fail finding" if info["confirmed"] else "still failing"))
+    return fixed_pipe, pre, info
 
 
 def _all_steps(out: Path, logger: Any) -> list[dict]:
