@@ -2,7 +2,9 @@
 
 Writes random bf16 weights shaped like a 0.5B model's largest tensors into a temporary folder
 (deleted afterwards), then compares:
-  - scan speed against a plain sequential read of the same file (16 MB readinto blocks), cold (the
+  - scan speed against a plain sequential read of the same file (16 MB readinto blocks), both in
+    a child process that imported torch and sftdoctor (cold reads in such a process measured 2-4x
+    slower than in this small one on a shared VM, so only like with like is compared), cold (the
     file evicted from the page cache with posix_fadvise DONTNEED before each run) and warm, the
     two alternating run by run and compared by their medians (the machine may be shared); and
     against the scan's reduction alone (max_magnitude_bits over as many values already in memory);
@@ -90,6 +92,7 @@ def plain_read(path: Path) -> float:
 
 CHILD = """
 import resource, sys, time, json
+from pathlib import Path
 import torch
 torch.set_num_threads(int(sys.argv[3]))
 from sftdoctor.checkpoint import scan_weights
@@ -98,6 +101,12 @@ scan = None
 t0 = time.perf_counter()
 if sys.argv[2] == "scan":
     scan = scan_weights(sys.argv[1])
+elif sys.argv[2] == "read":  # the baseline, in the same kind of process: a plain read of every weight file
+    buf = bytearray(int(sys.argv[4]))
+    for f in sorted(Path(sys.argv[1]).glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
 elif sys.argv[2] == "reduce":  # the arithmetic alone: the scan's integer passes over as many bf16 values, in memory
     from sftdoctor.checkpoint import CHUNK_ELEMENTS, max_magnitude_bits
     x = torch.randn(CHUNK_ELEMENTS).to(torch.bfloat16)
@@ -150,7 +159,7 @@ def main() -> None:
             cold_reads, cold_scans = [], []
             for _ in range(args.repeats):  # alternate, so both see the same disk and machine load
                 evict(path)
-                cold_reads.append(plain_read(path))
+                cold_reads.append(child(folder, "read", BLOCK)["seconds"])
                 evict(path)
                 cold_scans.append(child(folder, "scan")["seconds"])
             cold_read, cold_scan = median(cold_reads), median(cold_scans)
@@ -164,7 +173,7 @@ def main() -> None:
         plain_read(path)  # warm the page cache
         reads, scans = [], []
         for _ in range(args.repeats):  # alternate, as cold
-            reads.append(plain_read(path))
+            reads.append(child(folder, "read", BLOCK)["seconds"])
             scans.append(child(folder, "scan"))
         idle = child(folder, "import")
         reduce_s = median([child(folder, "reduce", size // 2)["seconds"] for _ in range(args.repeats)])

@@ -15,7 +15,10 @@ SEVERITY_STYLE = {"fail": "bold red", "warn": "yellow", "info": "cyan"}
 VERDICT_STYLE = {"fail": "bold white on red", "warn": "bold black on yellow", "pass": "bold white on green"}
 CLASS_NAMES = ["prompt", "response", "eos", "pad", "special"]
 CLASS_STYLE = {0: "grey50", 1: "green", 2: "bold magenta", 3: "grey35", 4: "blue"}
-RUN_COLLAPSE = 12  # runs of one class longer than this are shown as "[pad x412]"
+# Long runs of one kind are collapsed to their edges ("[pad supervised, label 0 ×412]"): padding
+# quickly, text only when long, so a 512-token row stays readable but its text stays visible.
+PAD_COLLAPSE, PAD_EDGE = 12, 3
+TEXT_COLLAPSE, TEXT_EDGE = 80, 24
 
 
 def render(report: Report, console: Console | None = None, *, tokens: bool = True, max_rows: int = 2) -> None:
@@ -109,28 +112,33 @@ def legend() -> Text:
 
 
 def row_text(row: dict[str, Any]) -> Text:
-    ids, texts, classes = row["ids"], row["texts"], row["classes"]
+    ids, classes = row["ids"], row["classes"]
     labels = row.get("labels")
+
+    def key(k):  # tokens of one run share class, supervision and (when odd) their label
+        return classes[k], _sup(labels, k), labels[k] if _odd(labels, ids, k) else None
+
     t = Text()
     i, n = 0, len(ids)
     while i < n:
-        j = i
-        while j < n and classes[j] == classes[i] and _sup(labels, j) == _sup(labels, i) and not _odd(labels, ids, j):
+        j = i + 1
+        while j < n and key(j) == key(i):
             j += 1
-        if j - i > RUN_COLLAPSE:
+        is_pad = classes[i] == 3
+        limit, edge = (PAD_COLLAPSE, PAD_EDGE) if is_pad else (TEXT_COLLAPSE, TEXT_EDGE)
+        if j - i > limit:
             # show the edges of a long run and collapse its middle
-            for k in range(i, i + 3):
+            for k in range(i, i + edge):
                 _token(t, row, k)
-            sup = " supervised" if _sup(labels, i) else ""
-            t.append(f" [{CLASS_NAMES[classes[i]]}{sup} ×{j - i - 6}] ", style="reverse " + CLASS_STYLE[classes[i]])
-            for k in range(j - 3, j):
+            cls, sup, odd_label = key(i)
+            note = (" supervised" if sup else "") + (f", label {odd_label}" if odd_label is not None else "")
+            t.append(f" [{CLASS_NAMES[cls]}{note} ×{j - i - 2 * edge}] ",
+                     style=("bold red reverse" if odd_label is not None else "reverse " + CLASS_STYLE[cls]))
+            for k in range(j - edge, j):
                 _token(t, row, k)
-            i = j
-            continue
-        if j == i:  # an odd label: one token alone
-            j = i + 1
-        for k in range(i, j):
-            _token(t, row, k)
+        else:
+            for k in range(i, j):
+                _token(t, row, k)
         i = j
     return t
 

@@ -30,7 +30,7 @@ from .engine import run_probes
 from .errors import UserError
 from .findings import Finding
 from .report import Report
-from .stepstats import (FP16_MAX, HEADROOM_FACTOR, OptimizerStep, RunHistory, StepRecord, analyze_tokens,
+from .stepstats import (FP16_MAX, HEADROOM_FACTOR, OptimizerStep, RunHistory, StepRecord, analyze_tokens, same_device,
                         candidate_targets, dtype_limit, dtype_name, logits_forward_stats, logits_grad_stats, to_host)
 
 NUMERICAL_IDS = {"loss-nonfinite", "logits-nonfinite", "precision-overflow", "precision-headroom",
@@ -406,15 +406,14 @@ class Doctor:
         tensors = dict(pend.tensors)
         fwd_acts, bwd_acts = self._collector.take()
         if fwd_acts:
-            tensors["act_fwd"] = torch.stack([v.to(fwd_acts[0][2].device) for _, _, v in fwd_acts])
+            tensors["act_fwd"] = torch.stack(same_device([v for _, _, v in fwd_acts]))
         if bwd_acts:
-            tensors["act_bwd"] = torch.stack([v.to(bwd_acts[0][2].device) for _, _, v in bwd_acts])
+            tensors["act_bwd"] = torch.stack(same_device([v for _, _, v in bwd_acts]))
         backward_seen = pend.backward_seen or pend.logits_grad_seen
         with_grad = [(n, p) for n, p in self._named_params if p.grad is not None] if backward_seen else []
         if with_grad:
             norms = torch._foreach_norm([p.grad for _, p in with_grad], 2, dtype=torch.float32)
-            dev = norms[0].device
-            tensors["param_norms"] = torch.stack([x.to(dev) for x in norms])
+            tensors["param_norms"] = torch.stack(same_device(list(norms)))
         for k, v in pend.fwd.items():
             tensors["fwd." + k] = v
         for k, v in pend.grad.items():

@@ -242,13 +242,20 @@ def logits_grad_stats(grad: torch.Tensor, logits: torch.Tensor | None) -> dict[s
     return out
 
 
+def same_device(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors, moved to the first one's device when a model is split over several devices."""
+    dev = tensors[0].device
+    if all(t.device == dev for t in tensors):
+        return tensors
+    return [t.to(dev) for t in tensors]
+
+
 def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Move many small device tensors to the CPU with ONE transfer (one host sync)."""
     items = [(k, t) for k, t in tensors.items() if t is not None]
     if not items:
         return {}
-    dev = items[0][1].device  # (a model split over devices: gather on one first, device to device)
-    flat = torch.cat([t.detach().reshape(-1).to(device=dev, dtype=torch.float64) for _, t in items]).cpu()
+    flat = torch.cat([t.detach().reshape(-1).to(dtype=torch.float64) for t in same_device([t for _, t in items])]).cpu()
     out, i = {}, 0
     for k, t in items:
         n = t.numel()
@@ -358,7 +365,7 @@ def analyze_tokens(fwd: dict[str, torch.Tensor], grad: dict[str, torch.Tensor], 
             "match": match,
             "supervised_by_class": per_class,
             "grad_nonfinite_positions": int((~grad_finite).sum()),
-            "common_targets": ([{"token_id": int(i), "count": int(c)} for c, i in zip(common.values, common.indices) if c > 0]
+            "common_targets": ([{"token_id": i, "count": c} for c, i in zip(common.values.tolist(), common.indices.tolist()) if c > 0]
                                if common is not None else []),
         }
         out["supervised_tokens"] = n_sup
@@ -383,8 +390,8 @@ def analyze_tokens(fwd: dict[str, torch.Tensor], grad: dict[str, torch.Tensor], 
         if n:
             counts = torch.bincount(am)
             top = counts.topk(min(5, counts.numel()))
-            hist = [{"token_id": int(i), "count": int(c), "share": round(int(c) / n, 4)}
-                    for c, i in zip(top.values, top.indices) if c > 0]
+            hist = [{"token_id": i, "count": c, "share": round(c / n, 4)}
+                    for c, i in zip(top.values.tolist(), top.indices.tolist()) if c > 0]
             if tok is not None:
                 for h in hist:
                     h["text"] = tok.token_text(h["token_id"])
