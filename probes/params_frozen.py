@@ -25,7 +25,9 @@ def check(ctx) -> list[Finding]:
                       "logits_requires_grad": r.logits_requires_grad},
             fix=FIX,
         ))
-    elif r.backward_seen and p.get("trainable") and p.get("nonzero_share", 1.0) < MIN_SHARE:
+    elif (r.backward_seen and p.get("trainable") and p.get("nonzero_share", 1.0) < MIN_SHARE
+          # no supervised token means no loss signal at all: labels-no-supervised-tokens names that, not frozen weights
+          and r.supervised_tokens != 0):
         out.append(Finding(
             id=id, severity="fail", level=level,
             message=(f"only {p['nonzero_grad']} of {p['trainable']} trainable tensors ({p['nonzero_share']:.1%} of "

@@ -116,6 +116,8 @@ def test_trl_template_mismatch(tmp_path):
     pytest.importorskip("trl")
     code, report = watch(tmp_path, EXAMPLES / "trl_template_mismatch.py", options=["--max-steps", "1"])
     assert code == 1 and "labels-no-supervised-tokens" in ids(report, "fail")
+    # no loss signal at all is not frozen weights: the root cause is named once
+    assert "params-frozen" not in ids(report)
 
 
 def test_preshifted_labels(tmp_path):

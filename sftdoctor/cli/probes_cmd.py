@@ -11,6 +11,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from sftdoctor.probes import ALL
 
@@ -22,6 +23,7 @@ def run(args) -> int:
         if args.level and p.level != args.level:
             continue
         for i in p.ids:
-            t.add_row(i, p.level, p.summary if i == p.id else f"(from {p.id})")
+            # Text(): summaries hold brackets like labels[t+k] that rich would read as markup
+            t.add_row(Text(i), Text(p.level), Text(p.summary if i == p.id else f"(from {p.id})"))
     Console().print(t)
     return 0

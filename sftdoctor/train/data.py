@@ -77,6 +77,7 @@ def _level4(rng: random.Random) -> tuple[str, str]:
 
 
 LEVELS = {1: _level1, 2: _level2, 3: _level3, 4: _level4}
+SYNTHETIC_TRAIN_ROWS = 2000  # with the tiny model: format, stop and level-1 sums learned in ~375 steps
 
 
 def parse_levels(text: str) -> list[int]:
@@ -186,7 +187,7 @@ def load_rows(data: str, *, data_config: str, levels: str, train_examples: int, 
     if data == "synthetic":
         lv = parse_levels(levels)
         n_test = eval_limit or 500
-        train, test = synthetic_splits(train_examples, n_test, lv, seed)
+        train, test = synthetic_splits(train_examples or SYNTHETIC_TRAIN_ROWS, n_test, lv, seed)
         return train, test, f"synthetic GSM8K-format problems, levels {','.join(map(str, lv))}"
     p = Path(data).expanduser()
     if p.exists() or data.endswith(".jsonl") or data.startswith((".", "/", "~")):

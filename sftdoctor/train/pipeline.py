@@ -19,6 +19,10 @@ from .data import load_rows
 from .recipe import Recipe
 
 
+TINY_LR = 3e-3
+PRETRAINED_LR = 1e-5  # full fine-tuning of a ~0.5B model
+
+
 @dataclass
 class Pipeline:
     recipe: Recipe
@@ -203,6 +207,11 @@ def build_pipeline(recipe: Recipe, *, progress: Any = None, model_and_tokenizer:
         tokenizer, model, saved_dtype = model_and_tokenizer
     if recipe.prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"--prompt-format chat: the tokenizer of {recipe.model} has no chat template; use --prompt-format plain")
+    if not recipe.learning_rate:
+        # a random-init model needs a large step; a pretrained one is wrecked by it
+        lr = TINY_LR if recipe.model == "tiny" else PRETRAINED_LR
+        recipe = recipe.replace(learning_rate=lr)
+        notes.append(f"learning rate {lr:g} (auto: {'random-init tiny model' if recipe.model == 'tiny' else 'pretrained model'})")
     pad_is_eos = ensure_pad(tokenizer, model, notes)
     examples = tokenize(tokenizer, train_rows, recipe, progress)
     examples, stats = fit_length(examples, recipe.max_length, recipe.overlong)

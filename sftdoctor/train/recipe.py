@@ -23,16 +23,16 @@ class Recipe:
     data: str = field(default="synthetic", metadata={"help": "`openai/gsm8k` (Hub), a local folder or .jsonl with question/answer fields, or `synthetic` (built-in GSM8K-format word problems)"})
     data_config: str = field(default="main", metadata={"help": "the Hub dataset config (GSM8K: main or socratic)"})
     levels: str = field(default="1", metadata={"help": "synthetic difficulty levels, comma separated (1: a+b, 2: a-b or a+b up to 20, 3: two steps, 4: products)"})
-    train_examples: int = field(default=2000, metadata={"help": "synthetic: training problems generated; real data: use at most this many rows (0: all)"})
+    train_examples: int = field(default=0, metadata={"help": "training rows: synthetic problems generated (0: 2000); real data: the first N rows (0: all)"})
     prompt_format: str = field(default="plain", metadata={"help": "`plain` (Question: ...\\nAnswer: ...) or `chat` (the tokenizer's chat template)"})
-    max_length: int = field(default=256, metadata={"help": "longest training row in tokens; longer rows are dropped and counted, never cut (--overlong)"})
+    max_length: int = field(default=512, metadata={"help": "longest training row in tokens; longer rows are dropped and counted, never cut (--overlong)"})
     overlong: str = field(default="drop", metadata={"help": "rows longer than max_length: `drop` them (counted in the report) or `truncate` them (loses the answer: preflight refuses)"})
     mask_prompt: bool = field(default=True, metadata={"help": "supervise only the answer (+EOS); --no-mask-prompt trains on the question too"})
     append_eos: bool = field(default=True, metadata={"help": "end each answer with the EOS / end-of-turn token so the model learns to stop"})
     collator: str | None = field(default=None, metadata={"help": "`module:function`: your own collate function (list of tokenized examples -> batch dict) instead of the built-in one"})
     # ---- how to train ----------------------------------------------------------------------
     dtype: str = field(default="auto", metadata={"help": "`auto` (bf16 on a GPU that supports it, fp32 on the CPU), fp32, bf16, or fp16 (mixed precision with a loss scaler; refused on a bf16 checkpoint)"})
-    learning_rate: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW); for a pretrained 0.5B model use ~1e-5"})
+    learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (AdamW); 0: auto, 3e-3 for the tiny random-init model, 1e-5 for a pretrained one"})
     schedule: str = field(default="cosine", metadata={"help": "learning-rate schedule after warmup: cosine, linear or constant"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of the optimizer steps spent warming up"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -160,8 +160,8 @@ def check_recipe(r: Recipe) -> None:
     for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "tiny_layers", "tiny_hidden", "tiny_vocab"):
         if getattr(r, name) <= 0:
             raise UserError(f"{name} must be positive, got {getattr(r, name)}")
-    if r.epochs <= 0 or r.learning_rate <= 0:
-        raise UserError("epochs and learning_rate must be positive")
+    if r.epochs <= 0 or r.learning_rate < 0:
+        raise UserError("epochs must be positive and learning_rate positive (or 0 for auto)")
     if not 0 <= r.warmup_ratio < 1:
         raise UserError(f"warmup_ratio must be in [0, 1), got {r.warmup_ratio}")
     if r.collator is not None and ":" not in r.collator:
