@@ -70,7 +70,8 @@ def run_plain(pipe, init_state, out: Path) -> tuple[float, int]:
 
 def run_ours(pipe, init_state, out: Path) -> tuple[float, object]:
     from sftdoctor.report import Report
-    from sftdoctor.train.trainer import _attach_probes, flops_per_token, make_trainer, step_logger_class
+    from sftdoctor.train.steplog import flops_per_token, step_logger_class
+    from sftdoctor.train.trainer import attach_probes, make_trainer
 
     pipe = copy.copy(pipe)
     pipe.model = copy.deepcopy(pipe.model)
@@ -78,7 +79,7 @@ def run_ours(pipe, init_state, out: Path) -> tuple[float, object]:
     logger = step_logger_class()(out / "steps.jsonl", Report(command="train"), None, flops_per_token(pipe.model), None, False)
     trainer = make_trainer(pipe, out, on_step=logger)
     trainer.args.save_strategy = "no"  # as the plain run: time the training loop only
-    doctor = _attach_probes(trainer, pipe.tokenizer, Report(command="train"), set())  # the probes stay attached, as in `sftdoctor train`
+    doctor = attach_probes(trainer, pipe.tokenizer, Report(command="train"), set())  # the probes stay attached, as in `sftdoctor train`
     positions = padded_positions(trainer)
     t0 = time.perf_counter()
     trainer.train()

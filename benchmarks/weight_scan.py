@@ -101,10 +101,10 @@ scan = None
 t0 = time.perf_counter()
 if sys.argv[2] == "scan":
     scan = scan_weights(sys.argv[1])
-elif sys.argv[2] == "read":  # the baseline, in the same kind of process: a plain read of every weight file
+elif sys.argv[2] == "read":  # the baseline, in the same kind of process: a plain read of each file
     buf = bytearray(int(sys.argv[4]))
     for f in sorted(Path(sys.argv[1]).glob("*.safetensors")):
-        with open(f, "rb", buffering=0) as fh:
+        with open(f, "rb", buffering=0) as fh:  # no read-ahead hints (a POSIX_FADV_SEQUENTIAL one did not help)
             while fh.readinto(buf):
                 pass
 elif sys.argv[2] == "reduce":  # the arithmetic alone: the scan's integer passes over as many bf16 values, in memory

@@ -4,11 +4,10 @@ generates (check_state_dict, check_generation_outputs).
 
 The scan never loads the whole model: it reads each safetensors file sequentially, one tensor at
 a time in row chunks of at most CHUNK_ELEMENTS values, each chunk a mapping of just its own pages
-(released when the chunk is dropped, so they never pile up in this process's RSS as a
-whole-file mapping's would; no copy as a plain read makes), and keeps only per-tensor numbers,
+(released when the chunk is dropped, so the pages never pile up in this process's RSS as with a
+whole-file mapping, and without the copy a plain read makes), and keeps only per-tensor numbers,
 computed on the float bits with integer max passes (max_magnitude_bits). A torch .bin is opened
-with mmap=True. No transformers import here
-(probes import this module).
+with mmap=True. No transformers import here (probes import this module).
 """
 from __future__ import annotations
 
@@ -270,8 +269,12 @@ class SafetensorsReader:
             if self.file.readinto(memoryview(data.numpy())) != length:
                 raise _bad_file(self.path, ValueError("short read")) from None
             return data
-        if hasattr(mapping, "madvise"):  # read-ahead on page faults as for sequential reads (cold files: 3x faster)
+        if hasattr(mapping, "madvise"):  # read-ahead on page faults as for sequential reads
             mapping.madvise(mmap.MADV_SEQUENTIAL)
+        if hasattr(os, "posix_fadvise"):
+            # start reading this chunk and the next one from disk now (asynchronously): a sequential
+            # scan then reduces chunk k while chunk k+1 is on its way (cold files: ~1.5x faster)
+            os.posix_fadvise(fd, start, 2 * length, os.POSIX_FADV_WILLNEED)
         # the numpy array holds the mapping (a buffer export) and the tensor holds the array, so
         # the pages stay mapped exactly as long as some view of them is alive
         return torch.from_numpy(np.frombuffer(mapping, dtype=np.uint8, count=length, offset=start - base))

@@ -11,6 +11,7 @@ LM convention), so a row's *target class* is the class of position t + 1.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -144,79 +145,123 @@ def candidate_targets(input_ids: torch.Tensor, labels: torch.Tensor | None, pad_
 CANDIDATE_NAMES = [f"offset_{k}" for k in OFFSETS] + ["pad", "labels"]
 
 
-CHUNK = 1024  # columns per chunk for the chunked arg-max/min below
+@lru_cache(maxsize=64)
+def _block_width(V: int) -> int:
+    """Width of the column blocks of the block-extreme arg-max/min search: a divisor of V in
+    [256, 4096] as close to 1024 as possible (32000 -> 1000, 151936 -> 1187), so the blocks tile
+    a row exactly; V itself when V < 256; else 1024 with a narrower leftover block."""
+    if V < 256:
+        return V
+    fits = [w for w in range(256, min(V, 4096) + 1) if V % w == 0]
+    return min(fits, key=lambda w: abs(w - 1024)) if fits else 1024
 
 
-def arg_extreme(x: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices) of the max (or min) of each row of a contiguous [T, V] tensor.
-
-    Same result as x.max(-1) / x.min(-1) (first occurrence; NaN counts as the extreme), ~4x faster
-    on CPU: one vectorised amax over [T, V/CHUNK, CHUNK], then an index search inside the one
-    winning chunk per row."""
-    T, V = x.shape
-    n = V // CHUNK
-    if n < 4 or not x.is_contiguous():
-        return x.max(-1) if largest else x.min(-1)
+def _block_extreme(x: torch.Tensor, width: int, largest: bool, whole: torch.Tensor,
+                   tail: torch.Tensor | None) -> torch.Tensor:
+    """Per row of a contiguous [r, V] chunk: the max (or min) of each `width`-column block into
+    `whole` [r, V // width], of the leftover columns (when V % width) into `tail` [r]. One pass,
+    no temporary. Returns the row max (or min). amax/amin, maximum/minimum all propagate NaN, so
+    a row holding a NaN gets NaN there (as x.amax(-1) would)."""
+    r, V = x.shape
+    n = V // width
     reduce = torch.amax if largest else torch.amin
-    heads = reduce(x.as_strided((T, n, CHUNK), (x.stride(0), CHUNK, 1)), dim=-1)
-    if n * CHUNK < V:
-        heads = torch.cat([heads, reduce(x[:, n * CHUNK:], dim=-1, keepdim=True)], dim=1)
+    if V % width == 0:
+        reduce(x.view(r, n, width), dim=-1, out=whole)
+        return reduce(whole, dim=-1, keepdim=True)
+    reduce(x.as_strided((r, n, width), (x.stride(0), width, 1)), dim=-1, out=whole)
+    reduce(x[:, n * width:], dim=-1, out=tail)
+    both = torch.maximum if largest else torch.minimum
+    return both(reduce(whole, dim=-1), tail)[:, None]
+
+
+def _arg_from_blocks(flat: torch.Tensor, width: int, whole: torch.Tensor, tail: torch.Tensor | None,
+                     largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the max (or min) of every row of `flat` [N, V], given the block extremes
+    of every row (_block_extreme). Equal to flat.max(-1) / flat.min(-1): first occurrence, NaN
+    counted as the extreme. Why: argmax/argmin over the blocks return the FIRST block holding the
+    row's extreme (or its first NaN, NaN being the extreme for them too); no earlier block holds
+    that value, and inside the block max/min return the first occurrence again. Reads one window
+    of `width` values per row (not the row), once for all rows."""
+    N, V = flat.shape
+    heads = whole if tail is None else torch.cat([whole, tail[:, None]], dim=1)
     best = heads.argmax(-1) if largest else heads.argmin(-1)
-    cols = (best[:, None] * CHUNK + torch.arange(CHUNK, device=x.device)).clamp_(max=V - 1)
-    inner = x.gather(-1, cols)
-    vals, pos = inner.max(-1) if largest else inner.min(-1)
-    return vals, cols.gather(-1, pos[:, None])[:, 0]
+    # The leftover block is narrower than `width`: its window [V - width, V) also covers the end of
+    # the block before it, whose values are all strictly less extreme (else argmax/argmin would
+    # have picked that earlier block), so the first extreme inside the window is still in the tail.
+    start = (best * width).clamp_(max=V - width)
+    window = flat.unfold(1, width, 1)[torch.arange(N, device=flat.device), start]  # [N, width] copy
+    vals, pos = window.max(-1) if largest else window.min(-1)
+    return vals.float(), start + pos
 
 
-CHUNK_ELEMENTS = 1 << 19  # positions are reduced in chunks of ~0.5M logits (2 MB float32 buffers)
+CHUNK_ELEMENTS = 1 << 17  # logits rows are reduced in chunks of ~128K values (512 KB in float32)
 
 
-def _chunks(n_positions: int, vocab: int):
-    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
-    for i in range(0, n_positions, step):
-        yield slice(i, min(i + step, n_positions))
+def _chunk_rows(vocab: int) -> int:
+    """Rows per chunk. A chunk and the two same-sized float32 buffers used with it (3 x 512 KB)
+    stay in a core's L2 cache, so every pass after the first over a chunk reads the cache, not
+    memory; smaller chunks would cost more Python dispatch (about ten torch calls per chunk)."""
+    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def _as_f32(x: torch.Tensor) -> torch.Tensor:
+    """A chunk as a contiguous float32 tensor: itself when it already is one, else a copy of the
+    chunk only (bf16/fp16 logits), never of the whole tensor."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.to(torch.float32, memory_format=torch.contiguous_format)
+    return x
 
 
 @torch.no_grad()
 def logits_forward_stats(logits: torch.Tensor, candidates: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Per logits row: logsumexp, L2 norm, entropy, argmax, max and min (the lm_head's max |output|),
-    and the logit at each candidate target. Works on chunks of positions with two small float32
-    buffers, so the extra memory is a few MB whatever the batch."""
+    and the logit at each candidate target.
+
+    Row-chunked (see _chunk_rows): a chunk is read from memory once, by its first pass (block
+    maxima); the other passes (min, norm, x - max, exp, two sums) read it, or chunk-sized buffers,
+    from the cache. Every statistic is a reduction over one row, and a chunk holds whole rows, so
+    the chunked result is exactly the whole-tensor one. The argmax and the candidate logits are
+    gathers done once after the loop. Extra memory: two chunk-sized float32 buffers and a few
+    [B*T] vectors, whatever the batch."""
     B, T, V = logits.shape
     N = B * T
     dev = logits.device
     flat = logits.detach().reshape(N, V)
-    cflat = candidates.reshape(N, -1).clamp(min=0) if candidates is not None else None
-    lse = torch.empty(N, device=dev)
-    norm, entropy, row_min, row_max = (torch.empty_like(lse) for _ in range(4))
-    argmax = torch.empty(N, dtype=torch.long, device=dev)
-    cand = torch.empty(N, cflat.shape[-1], device=dev) if cflat is not None else None
-    buf_a = buf_b = None
-    for sl in _chunks(N, V):
-        x = flat[sl].float().contiguous()
+    width = _block_width(V)
+    f32 = dict(device=dev, dtype=torch.float32)
+    block_max = torch.empty(N, V // width, **f32)
+    tail_max = torch.empty(N, **f32) if V % width else None
+    row_min, norm, exp_sum, exp_dot = (torch.empty(N, **f32) for _ in range(4))
+    rows = _chunk_rows(V)
+    buf_a = torch.empty(min(rows, N), V, **f32)
+    buf_b = torch.empty_like(buf_a)
+    tails = tail_max.split(rows) if tail_max is not None else [None] * len(range(0, N, rows))
+    for x, bmax, tmax, rmin, nrm, s, dot in zip(flat.split(rows), block_max.split(rows), tails, row_min.split(rows),
+                                                norm.split(rows), exp_sum.split(rows), exp_dot.split(rows)):
+        x = _as_f32(x)
         n = x.shape[0]
-        if buf_a is None or buf_a.shape[0] < n:
-            buf_a, buf_b = torch.empty_like(x), torch.empty_like(x)
-        shifted, expd = buf_a[:n], buf_b[:n]
-        mx, am = arg_extreme(x, largest=True)
-        argmax[sl], row_max[sl] = am, mx
-        torch.sub(x, mx[:, None], out=shifted)  # x - max (<= 0); the passes below read cache-warm buffers
-        low = shifted.amin(dim=-1)
-        row_min[sl] = mx + low
-        if dev.type == "cpu" and bool((low < -80.0).any()):  # CPU only: no device sync
-            shifted.clamp_(min=-80.0)  # exp below -87 is denormal in fp32: very slow on CPU, and adds < 1e-34
-        torch.exp(shifted, out=expd)  # e = exp(x - max), into a separate buffer (in place is slower)
-        s = expd.sum(dim=-1)
-        es = expd.mul_(shifted).sum(dim=-1)  # sum e * (x - max)
-        lse[sl] = mx + s.log()
-        entropy[sl] = s.log() - es / s  # H = lse - sum p x = log s - sum p (x - max)
-        norm[sl] = torch.linalg.vector_norm(x, dim=-1)  # inf/NaN propagate: doubles as the finiteness test
-        if cand is not None:
-            cand[sl] = x.gather(-1, cflat[sl])
-    out = {"lse": lse, "logit_norm": norm, "entropy": entropy, "argmax": argmax, "row_max": row_max, "row_min": row_min}
+        shifted, expd = (buf_a, buf_b) if n == buf_a.shape[0] else (buf_a[:n], buf_b[:n])
+        mx = _block_extreme(x, width, True, bmax, tmax)  # [n, 1] row max (NaN if the row has one)
+        torch.amin(x, dim=-1, out=rmin)
+        torch.linalg.vector_norm(x, dim=-1, out=nrm)  # inf/NaN propagate: doubles as the finiteness test
+        torch.sub(x, mx, out=shifted)  # x - max <= 0
+        if dev.type == "cpu" and bool(((rmin - mx[:, 0]) < -80.0).any()):  # CPU only: no device sync
+            shifted.clamp_(min=-80.0)  # exp below -87 is denormal in fp32: ~100x slower on CPU, and adds < 1e-34
+        torch.exp(shifted, out=expd)  # e = exp(x - max), into a separate buffer
+        torch.sum(expd, dim=-1, out=s)  # s = sum e >= 1 (the max's own term is exp(0) = 1)
+        torch.sum(expd.mul_(shifted), dim=-1, out=dot)  # sum e * (x - max)
+    row_max, argmax = _arg_from_blocks(flat, width, block_max, tail_max, largest=True)
+    log_s = exp_sum.log()
+    out = {
+        "lse": row_max + log_s,  # lse = max + log sum exp(x - max)
+        "logit_norm": norm,
+        "entropy": log_s - exp_dot / exp_sum,  # H = lse - sum p x = log s - sum p (x - max), p = e / s
+        "argmax": argmax, "row_max": row_max, "row_min": row_min,
+    }
     out = {k: v.reshape(B, T) for k, v in out.items()}
-    if cand is not None:
-        out["cand_logit"] = cand.reshape(B, T, -1)
+    if candidates is not None:  # one gather of [N, K] values for all rows, not a pass over the logits
+        cflat = candidates.reshape(N, -1).clamp(min=0)
+        out["cand_logit"] = flat.gather(-1, cflat).float().reshape(B, T, -1)
     return out
 
 
@@ -225,17 +270,26 @@ def logits_grad_stats(grad: torch.Tensor, logits: torch.Tensor | None) -> dict[s
     """Per logits row of d loss / d logits: L2 norm, most negative coordinate and its index (the
     effective target of a cross-entropy-like loss: softmax - onehot is negative only there), and
     the logit at the target when the logits are still alive. For such a loss |g[target]| is also the
-    row's largest |coordinate| (w (1 - p_y) >= w p_j), so no max pass is spent on it."""
+    row's largest |coordinate| (w (1 - p_y) >= w p_j), so no max pass is spent on it.
+
+    Row-chunked like logits_forward_stats: per chunk of whole rows, the block minima read it from
+    memory and the norm from the cache; both are per-row reductions, so chunking changes nothing."""
     B, T, V = grad.shape
     N = B * T
-    flat = grad.reshape(N, V)
-    gnorm = torch.empty(N, device=grad.device)
-    gmin = torch.empty_like(gnorm)
-    target = torch.empty(N, dtype=torch.long, device=grad.device)
-    for sl in _chunks(N, V):
-        g = flat[sl].float().contiguous()
-        gnorm[sl] = torch.linalg.vector_norm(g, dim=-1)  # inf/NaN propagate: the finiteness test
-        gmin[sl], target[sl] = arg_extreme(g, largest=False)
+    dev = grad.device
+    flat = grad.detach().reshape(N, V)
+    width = _block_width(V)
+    f32 = dict(device=dev, dtype=torch.float32)
+    block_min = torch.empty(N, V // width, **f32)
+    tail_min = torch.empty(N, **f32) if V % width else None
+    gnorm = torch.empty(N, **f32)
+    rows = _chunk_rows(V)
+    tails = tail_min.split(rows) if tail_min is not None else [None] * len(range(0, N, rows))
+    for g, bmin, tmin, nrm in zip(flat.split(rows), block_min.split(rows), tails, gnorm.split(rows)):
+        g = _as_f32(g)
+        _block_extreme(g, width, False, bmin, tmin)
+        torch.linalg.vector_norm(g, dim=-1, out=nrm)  # inf/NaN propagate: the finiteness test
+    gmin, target = _arg_from_blocks(flat, width, block_min, tail_min, largest=False)
     out = {"grad_norm": gnorm.reshape(B, T), "grad_min": gmin.reshape(B, T), "target": target.reshape(B, T)}
     if logits is not None and tuple(logits.shape) == (B, T, V):
         out["target_logit"] = logits.detach().gather(-1, out["target"][..., None])[..., 0].float()

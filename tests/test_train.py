@@ -137,6 +137,17 @@ def test_loss_is_normalised_over_the_whole_accumulated_batch(tiny_pieces):
     assert not torch.allclose(g1, g3, atol=1e-6, rtol=1e-4)
 
 
+def test_trainer_divides_the_loss_by_the_supervised_tokens_of_the_whole_step(tmp_path):
+    """HF Trainer's num_items_in_batch reaches the loss: with 2 micro-batches per step the divisor
+    is the supervised-token count of both (labels[:, 1:] != -100), not a per-micro-batch mean."""
+    code, report = train(tmp_path, "--grad-accum", "2", "--batch-size", "4", "--train-examples", "64", "--epochs", "1",
+                         "--eval-limit", "4", "--max-new-tokens", "8")
+    recs = steps(tmp_path / "run")
+    assert len(recs) == 8 and all(len(r["example_ids"]) == 8 for r in recs)
+    # position 0 is always a prompt token here, so every supervised label is a prediction target
+    assert all(r["num_items_in_batch"] == r["supervised_tokens"] for r in recs)
+
+
 # ---- recipe and bad input -----------------------------------------------------------------------
 
 def test_recipe_precedence_defaults_config_flags(tmp_path):
@@ -258,7 +269,8 @@ def test_incident_is_refused_at_preflight_with_the_right_ids(tmp_path, incident_
 @pytest.mark.slow
 def test_incident_with_fix_swaps_collator_and_dtype_and_reaches_default_figures(tmp_path, incident_checkpoint, default_run, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(TESTS))
-    code, report = train(tmp_path, "--model", str(incident_checkpoint), *INCIDENT, "--fix")
+    # the tiny model's auto learning rate: from a folder, auto would pick the pretrained 1e-5
+    code, report = train(tmp_path, "--model", str(incident_checkpoint), *INCIDENT, "--fix", "--learning-rate", "3e-3")
     err = capsys.readouterr().err
     assert code == 0, err
     changes = {c["what"]: c for c in report.metrics["preflight"]["changes"]}

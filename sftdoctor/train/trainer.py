@@ -7,7 +7,6 @@ Only rank 0 prints and writes; every rank trains.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -19,20 +18,12 @@ from ..errors import UserError
 from ..findings import Finding
 from ..report import Report
 from .collate import WithExampleIds
-from .pipeline import Pipeline, build_pipeline, rank, stop_ids, world_size
+from .pipeline import Pipeline, build_pipeline, stop_ids, world_size
 from .preflight import PREFLIGHT_BATCHES, apply_fixes, run_preflight
 from .recipe import Recipe
+from .steplog import STEPS_FILE, flops_per_token, is_main, peak_flops, step_logger_class
 
-STEPS_FILE = "steps.jsonl"  # one line per optimizer step: loss, lr, grad norm, example ids, tokens
 REPORT_FILE = "report.json"
-KILL_AT_STEP = "SFTDOCTOR_KILL_AT_STEP"  # test-only: SIGKILL this process right after logging that step
-
-# Peak dense bf16 FLOP/s of common GPUs, for model FLOPs utilisation (MFU).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12, "4090": 165e12}
-
-
-def is_main() -> bool:
-    return rank() == 0
 
 
 # ---- the Trainer ------------------------------------------------------------------------------
@@ -100,105 +91,6 @@ def make_trainer(pipe: Pipeline, output_dir: Path, *, on_step: Any, extra_callba
     if not trainer.model_accepts_loss_kwargs:  # never true for HF causal LMs today; kept honest
         raise UserError(f"{type(pipe.model).__name__} does not accept num_items_in_batch; its loss would be averaged per micro-batch")
     return trainer
-
-
-def step_logger_class():
-    from transformers import TrainerCallback
-
-    class StepLogger(TrainerCallback):
-        """Writes steps.jsonl (rank 0), counts tokens, stops on a non-finite loss, saves each epoch."""
-
-        def __init__(self, path: Path, report: Report, progress: Any, flops_per_token: float, peak_flops: float | None, save_each_epoch: bool):
-            self.path, self.report, self.progress = path, report, progress
-            self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-            self.save_each_epoch = save_each_epoch
-            self.ids: list[int] = []
-            self.supervised = self.tokens = 0
-            self.num_items = None
-            self.task = None
-            self.train_time = 0.0
-            self.total_supervised = self.total_tokens = 0
-            self.step_started = None
-            self.records: list[dict] = []
-
-        def seen(self, ids: list[int], inputs: dict) -> None:
-            self.ids += ids
-            self.supervised += int((inputs["labels"] != -100).sum())
-            self.tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
-            if self.step_started is None:
-                self.step_started = time.perf_counter()
-
-        def on_train_begin(self, args, state, control, **kw):
-            if self.progress is not None:
-                self.task = self.progress.add_task("training", total=state.max_steps, completed=state.global_step)
-
-        def on_step_end(self, args, state, control, **kw):
-            elapsed = time.perf_counter() - (self.step_started or time.perf_counter())
-            self.step_started = None
-            ids, sup, tok = self.ids, self.supervised, self.tokens
-            if world_size() > 1 and torch.distributed.is_initialized():
-                # every rank must stop together (a rank left alone would wait forever in the
-                # next all-reduce), and the step log lists the examples of all ranks
-                gathered: list = [None] * world_size()
-                torch.distributed.all_gather_object(gathered, (ids, sup, tok, bool(control.should_training_stop)))
-                ids = [i for g in gathered for i in g[0]]
-                sup, tok = sum(g[1] for g in gathered), sum(g[2] for g in gathered)
-                if any(g[3] for g in gathered):
-                    control.should_training_stop = True
-            self.pending = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "example_ids": ids,
-                            "supervised_tokens": sup, "tokens": tok, "seconds": round(elapsed, 4)}
-            self.train_time += elapsed
-            self.total_supervised += sup
-            self.total_tokens += tok
-            self.ids, self.supervised, self.tokens = [], 0, 0
-
-        def on_epoch_end(self, args, state, control, **kw):
-            if self.save_each_epoch:
-                control.should_save = True  # a checkpoint each epoch also when saving every N steps
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = logs or {}
-            if "loss" not in logs or not hasattr(self, "pending"):
-                return
-            rec = {**self.pending, "loss": logs["loss"], "grad_norm": logs.get("grad_norm"), "lr": logs.get("learning_rate")}
-            del self.pending
-            self.records.append(rec)
-            if not math.isfinite(float(rec["loss"])):
-                self.report.add([Finding(id="loss-nonfinite", severity="fail", level="step", step=rec["step"],
-                                         message=f"the training loss is {rec['loss']} at step {rec['step']}",
-                                         evidence={"step": rec["step"], "value": rec["loss"]},
-                                         fix="check the precision (fp16 on a bf16 checkpoint), the learning rate and rows with no supervised token")])
-                control.should_training_stop = True
-            if is_main():
-                with open(self.path, "a", encoding="utf-8") as f:  # an append-only log, one line per step
-                    f.write(json.dumps(rec) + "\n")
-                if os.environ.get(KILL_AT_STEP) == str(rec["step"]):  # fault injection for the resume test
-                    os.kill(os.getpid(), 9)
-                if self.progress is not None and self.task is not None:
-                    self.progress.update(self.task, completed=state.global_step,
-                                         description=f"training  loss {float(rec['loss']):.3f}")
-
-        def throughput(self) -> dict[str, Any]:
-            t = max(self.train_time, 1e-9)
-            m = {"train_seconds": round(self.train_time, 2), "tokens": self.total_tokens, "supervised_tokens": self.total_supervised,
-                 "tokens_per_s": round(self.total_tokens / t, 1), "supervised_tokens_per_s": round(self.total_supervised / t, 1)}
-            if self.peak_flops:
-                m["mfu"] = round(self.flops_per_token * self.total_tokens / t / (self.peak_flops * world_size()), 4)
-            return m
-
-    return StepLogger
-
-
-def peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(0)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def flops_per_token(model: Any) -> float:
-    """6 N per trained token (forward 2N + backward 4N), the usual estimate for MFU."""
-    return 6.0 * sum(p.numel() for p in model.parameters())
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -323,7 +215,7 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
     StepLogger = step_logger_class()
     logger = StepLogger(out / STEPS_FILE, report, progress, flops_per_token(pipe.model), peak_flops(), bool(recipe.save_every))
     trainer = make_trainer(pipe, out, on_step=logger)
-    doctor = _attach_probes(trainer, pipe.tokenizer, report, ignore)
+    doctor = attach_probes(trainer, pipe.tokenizer, report, ignore)
     resume_from = None
     if resume:
         resume_from = last_checkpoint(out)
@@ -380,8 +272,11 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
         ev = report.metrics["eval"]
         say(f"eval: {ev['examples']} held-out problems: exact match {ev['accuracy']:.1%}, format {ev['format_rate']:.1%}, stop {ev['stop_rate']:.1%}")
     t = report.metrics["train"]
-    say(f"train: {t['steps']} steps, loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}, {t['tokens_per_s']:.0f} tokens/s "
-        f"({t['supervised_tokens_per_s']:.0f} supervised)" + (f", MFU {t['mfu']:.1%}" if "mfu" in t else ""))
+    if logger.records:
+        say(f"train: {t['steps']} steps, loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}, {t['tokens_per_s']:.0f} tokens/s "
+            f"({t['supervised_tokens_per_s']:.0f} supervised)" + (f", MFU {t['mfu']:.1%}" if "mfu" in t else ""))
+    else:
+        say(f"train: no step left to run ({t['steps']} steps were done before)")
     report.run = {**report.run, "status": "completed", "exit_code": 1 if report.verdict == "fail" else 0, "output_dir": str(out), "final_model": str(final)}
     _write_report(report, out)
     return report, out
@@ -429,7 +324,7 @@ def _configure_generation(pipe: Pipeline) -> None:
     pipe.model.config.eos_token_id = pipe.tokenizer.eos_token_id
 
 
-def _attach_probes(trainer: Any, tokenizer: Any, report: Report, ignore: set[str]):
+def attach_probes(trainer: Any, tokenizer: Any, report: Report, ignore: set[str]):
     """Keep the step/run probes attached during training (sftdoctor.attach, when present);
     a fail finding stops training with the report."""
     try:
