@@ -260,8 +260,8 @@ def logits_forward_stats(logits: torch.Tensor, candidates: torch.Tensor | None) 
     }
     out = {k: v.reshape(B, T) for k, v in out.items()}
     if candidates is not None:  # one gather of [N, K] values for all rows, not a pass over the logits
-        cflat = candidates.reshape(N, -1).clamp(min=0)
-        out["cand_logit"] = flat.gather(-1, cflat).float().reshape(B, T, -1)
+        cflat = candidates.reshape(N, candidates.shape[-1]).clamp(min=0)
+        out["cand_logit"] = flat.gather(-1, cflat).float().reshape(B, T, cflat.shape[-1])
     return out
 
 
