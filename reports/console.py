@@ -31,6 +31,9 @@ def renderables(report: Report, *, tokens: bool = True, max_rows: int = 2) -> li
     out: list[Any] = [verdict_line(report)]
     if report.run.get("status") not in (None, "completed"):
         out.append(Text(f"run {report.run.get('status')}: {report.run.get('error', {}).get('message', '') if isinstance(report.run.get('error'), dict) else ''}".rstrip(": "), style="red"))
+    for err in report.run.get("internal_errors", [])[:3]:
+        # a probe or hook of ours failed: the report may be incomplete, say so
+        out.append(Text(f"sftdoctor internal error (report may be incomplete): {err}", style="magenta"))
     for f in report.by_severity():
         out.append(finding_panel(f))
     table = class_table(report)

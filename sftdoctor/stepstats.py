@@ -1,9 +1,10 @@
 """What the step hooks observe, as plain data, and the tensor reductions that produce it.
 
 Probes read StepRecord (ctx.step) and RunHistory (ctx.run); neither holds a tensor of the
-model's graph. The reductions here run on the device, reduce [B, T, V] logits and their
-gradient to [B, T] vectors one row at a time (so the temporary is [T, V], never [B, T, V]),
-and are moved to the host once per step (`to_host`).
+model's graph. The reductions here run on the device and reduce [B, T, V] logits and their
+gradient to [B, T] vectors in chunks of whole rows (temporaries are chunk-sized, never
+[B, T, V]); each chunk is read from memory once and its other passes hit the cache. The
+results are moved to the host once per step (`to_host`).
 
 Alignment used everywhere below: logits row t predicts the token at position t + 1 (HF causal
 LM convention), so a row's *target class* is the class of position t + 1.
@@ -149,7 +150,8 @@ CANDIDATE_NAMES = [f"offset_{k}" for k in OFFSETS] + ["pad", "labels"]
 def _block_width(V: int) -> int:
     """Width of the column blocks of the block-extreme arg-max/min search: a divisor of V in
     [256, 4096] as close to 1024 as possible (32000 -> 1000, 151936 -> 1187), so the blocks tile
-    a row exactly; V itself when V < 256; else 1024 with a narrower leftover block."""
+    a row exactly; V itself when V < 256; else (V > 4096 without such a divisor) 1024 with a
+    narrower leftover block."""
     if V < 256:
         return V
     fits = [w for w in range(256, min(V, 4096) + 1) if V % w == 0]
@@ -194,14 +196,18 @@ def _arg_from_blocks(flat: torch.Tensor, width: int, whole: torch.Tensor, tail: 
     return vals.float(), start + pos
 
 
-CHUNK_ELEMENTS = 1 << 17  # logits rows are reduced in chunks of ~128K values (512 KB in float32)
+CHUNK_ELEMENTS = 1 << 17  # CPU: logits rows are reduced in chunks of ~128K values (512 KB in float32)
+CHUNK_ELEMENTS_ACCELERATOR = 1 << 22  # GPU: ~4M values (16 MB) per chunk, few kernel launches
 
 
-def _chunk_rows(vocab: int) -> int:
-    """Rows per chunk. A chunk and the two same-sized float32 buffers used with it (3 x 512 KB)
-    stay in a core's L2 cache, so every pass after the first over a chunk reads the cache, not
-    memory; smaller chunks would cost more Python dispatch (about ten torch calls per chunk)."""
-    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+def _chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows per chunk. On CPU a chunk and the two same-sized float32 buffers used with it
+    (3 x 512 KB) stay in a core's L2 cache, so every pass after the first over a chunk reads the
+    cache, not memory; smaller chunks would cost more Python dispatch (about ten torch calls per
+    chunk). On an accelerator the chunk only bounds the buffers' memory: larger chunks, fewer
+    kernel launches. Chunks hold whole rows whatever the size."""
+    elements = CHUNK_ELEMENTS if device.type == "cpu" else CHUNK_ELEMENTS_ACCELERATOR
+    return max(1, elements // max(vocab, 1))
 
 
 def _as_f32(x: torch.Tensor) -> torch.Tensor:
@@ -232,7 +238,7 @@ def logits_forward_stats(logits: torch.Tensor, candidates: torch.Tensor | None) 
     block_max = torch.empty(N, V // width, **f32)
     tail_max = torch.empty(N, **f32) if V % width else None
     row_min, norm, exp_sum, exp_dot = (torch.empty(N, **f32) for _ in range(4))
-    rows = _chunk_rows(V)
+    rows = _chunk_rows(V, dev)
     buf_a = torch.empty(min(rows, N), V, **f32)
     buf_b = torch.empty_like(buf_a)
     tails = tail_max.split(rows) if tail_max is not None else [None] * len(range(0, N, rows))
@@ -283,7 +289,7 @@ def logits_grad_stats(grad: torch.Tensor, logits: torch.Tensor | None) -> dict[s
     block_min = torch.empty(N, V // width, **f32)
     tail_min = torch.empty(N, **f32) if V % width else None
     gnorm = torch.empty(N, **f32)
-    rows = _chunk_rows(V)
+    rows = _chunk_rows(V, dev)
     tails = tail_min.split(rows) if tail_min is not None else [None] * len(range(0, N, rows))
     for g, bmin, tmin, nrm in zip(flat.split(rows), block_min.split(rows), tails, gnorm.split(rows)):
         g = _as_f32(g)
