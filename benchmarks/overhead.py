@@ -72,10 +72,8 @@ class SelfTimer:
         return timed
 
     def install(self):
-        from sftdoctor import attach as attach_mod
         from sftdoctor import hooks
-
-        D = attach_mod.Doctor
+        from sftdoctor.attach import Doctor as D
         for name in ("_on_forward_start", "_on_forward_end", "_before_backward", "_after_backward",
                      "_on_optimizer_pre", "_on_optimizer_post", "_on_scaler_scale", "_on_scaler_step_end",
                      "_on_scaler_update"):

@@ -9,18 +9,12 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .api import inspect_batch
+# Bound after the submodule import on purpose: `sftdoctor.attach` is the function, and a later
+# `import sftdoctor.attach` finds the module already loaded and does not rebind the name.
+from .attach import Doctor, attach
 from .errors import FailuresFound, UserError
 from .findings import CheckResult, Finding
 from .report import Report
 
-__all__ = ["inspect_batch", "Report", "Finding", "CheckResult", "UserError", "FailuresFound", "__version__"]
+__all__ = ["inspect_batch", "attach", "Doctor", "Report", "Finding", "CheckResult", "UserError", "FailuresFound", "__version__"]
 
-
-def __getattr__(name):  # lazy: `attach` pulls in the step hooks only when used
-    if name == "attach":
-        from .attach import attach
-
-        # importing the submodule bound `sftdoctor.attach` to the module: rebind it to the function
-        globals()["attach"] = attach
-        return attach
-    raise AttributeError(name)

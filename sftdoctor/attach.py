@@ -725,13 +725,3 @@ def attach(obj: Any, tokenizer: Any = None, *, optimizer: Any = None, every: int
         trainer.add_callback(doctor._callback)
     return doctor
 
-
-class _CallableModule(__import__("types").ModuleType):
-    """`import sftdoctor.attach` binds the name sftdoctor.attach to this module; keep
-    `sftdoctor.attach(model)` working either way."""
-
-    def __call__(self, *args, **kwargs):
-        return attach(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule
