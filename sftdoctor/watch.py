@@ -297,15 +297,9 @@ class Watcher:
             return
         finally:
             self._saving = False
-        step = self._micro_step()
-        for f in found:
-            f.step, f.rank = step, self.rank
         ids = CHECKPOINT_IDS if config is not None else CHECKPOINT_IDS[:1]
-        self.report.record_checks(CheckResult(i, _status(found, i), None, "checkpoint") for i in ids)
-        self.report.metrics.setdefault("saves", []).append(
-            {"path": where, "tensors": len(state), "step": step, "findings": [f.id for f in found]})
         self.view.note(f"checked the weights saved to {where}: " + (", ".join(f.id for f in found) or "finite"))
-        self._add(found)
+        self._record_checkpoint_checks(found, ids, "saves", {"path": where, "tensors": len(state)})
 
     def _after_generate(self, model, args, kwargs, result) -> None:
         try:
@@ -333,12 +327,16 @@ class Watcher:
             return
         finally:
             self._saving = False
+        self._record_checkpoint_checks(found, GENERATION_IDS, "generations", {"prompts": int(prompts.shape[0])})
+
+    def _record_checkpoint_checks(self, found: list, ids, metric: str, entry: dict[str, Any]) -> None:
+        """Stamp checkpoint-level findings with the current step and rank, record their checks and
+        one metrics entry (report.metrics[metric]), and add them to the report."""
         step = self._micro_step()
         for f in found:
             f.step, f.rank = step, self.rank
-        self.report.record_checks(CheckResult(i, _status(found, i), None, "checkpoint") for i in GENERATION_IDS)
-        self.report.metrics.setdefault("generations", []).append(
-            {"prompts": int(prompts.shape[0]), "step": step, "findings": [f.id for f in found]})
+        self.report.record_checks(CheckResult(i, _status(found, i), None, "checkpoint") for i in ids)
+        self.report.metrics.setdefault(metric, []).append({**entry, "step": step, "findings": [f.id for f in found]})
         self._add(found)
 
     def _logits_nonfinite(self, model, prompts, attention_mask) -> bool | None:
