@@ -78,3 +78,23 @@ def test_healthy_batch_has_classes_and_samples():
     assert tc["response"]["supervised"] > 0 and tc["prompt"]["supervised"] == 0
     assert tc["pad"]["supervised"] == 0 and tc["eos"]["supervised"] == 4
     assert report.samples and len(report.samples[0]["ids"]) == len(report.samples[0]["classes"])
+
+
+def test_outputs_never_replace_a_file_that_is_not_a_report(tmp_path, monkeypatch, capsys):
+    """--json/--html may overwrite an earlier report, but a typo must not destroy the user's file."""
+    import torch
+
+    from sftdoctor.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    tok_dir = str(__import__("conftest").TOKENIZERS / "gpt2")
+    torch.save({"input_ids": torch.tensor([[1, 2, 3]]), "labels": torch.tensor([[1, 2, 3]])}, "b.pt")
+    script = tmp_path / "train.py"
+    script.write_text("print('my training script')\n")
+    code = main(["inspect-batch", "--batch", "b.pt", "--tokenizer", tok_dir, "--json", str(script)])
+    assert code == 2 and script.read_text() == "print('my training script')\n"
+    assert "not an sftdoctor report" in capsys.readouterr().err
+    # an earlier report is replaced, JSON and HTML alike
+    for flag, name in (("--json", "r.json"), ("--html", "r.html")):
+        assert main(["inspect-batch", "--batch", "b.pt", "--tokenizer", tok_dir, flag, name, "-q"]) in (0, 1)
+        assert main(["inspect-batch", "--batch", "b.pt", "--tokenizer", tok_dir, flag, name, "-q"]) in (0, 1)

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from .common import check_output_paths
+
+        check_output_paths(args)
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"sftdoctor: error: {e}", file=sys.stderr)

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from ..errors import UserError
 
 from ..report import Report
 
@@ -14,6 +17,21 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore", metavar="ID", action="append", default=[],
                    help="finding id to ignore (repeatable; also [tool.sftdoctor] ignore in pyproject.toml)")
     g.add_argument("--quiet", "-q", action="store_true", help="print only the verdict and findings, no token view")
+
+
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Before any work: --json/--html may replace an earlier sftdoctor report, never another file
+    of the user's (a typo like --json train.py must not cost them their script)."""
+    for flag in ("json", "html"):
+        path = getattr(args, flag, None)
+        if not path or not os.path.exists(path):
+            continue
+        if os.path.isdir(path):
+            raise UserError(f"--{flag} {path} is a folder; give a file path such as {os.path.join(path, 'report.' + flag)}")
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        if b"sftdoctor" not in head:
+            raise UserError(f"--{flag} {path} exists and is not an sftdoctor report; choose another path or remove it first")
 
 
 def write_outputs(report: Report, args: argparse.Namespace) -> None:
