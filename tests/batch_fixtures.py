@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import torch
 
-from conftest import completion_batch, gsm8k_rows, prompt_text, tokenizer, with_pad  # noqa: F401 (re-exported)
+from conftest import completion_batch, gsm8k_rows, pad_right, prompt_text, tokenizer, with_pad  # noqa: F401 (re-exported)
 
 IGNORE = -100
 
@@ -92,24 +92,12 @@ def chat_batch(tok, rows, *, supervise_prompt: bool = False, add_special_tokens:
         ids = tok(full, add_special_tokens=add_special_tokens)["input_ids"]
         labels = list(ids) if supervise_prompt else [IGNORE] * n_head + ids[n_head:]
         feats.append((ids, labels))
-    return _pad_right(tok.pad_token_id, feats)
+    return pad_right(tok.pad_token_id, feats)
 
 
 def chat_examples(rows):
     return [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}
             for r in rows]
-
-
-def _pad_right(pad_id, feats):
-    T = max(len(i) for i, _ in feats)
-    input_ids = torch.full((len(feats), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(feats), T), IGNORE, dtype=torch.long)
-    attn = torch.zeros((len(feats), T), dtype=torch.long)
-    for b, (ids, lab) in enumerate(feats):
-        input_ids[b, : len(ids)] = torch.tensor(ids)
-        labels[b, : len(lab)] = torch.tensor(lab)
-        attn[b, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attn, "labels": labels}
 
 
 def left_padded(family: str = "llama2", *, position_ids: str | None = None):

@@ -71,9 +71,13 @@ def completion_batch(tok, rows, *, max_length: int | None = None, eos: bool = Tr
         ids = (p + a)[:max_length] if max_length else p + a
         labels = ([-100] * len(p) + a)[: len(ids)]
         feats.append((ids, labels))
+    return pad_right(tok.pad_token_id, feats)
+
+
+def pad_right(pad_id: int, feats):
+    """Collate (ids, labels) pairs with right padding: pad ids, labels -100 and attention 0 on padding."""
     T = max(len(i) for i, _ in feats)
-    pad = tok.pad_token_id
-    input_ids = torch.full((len(feats), T), pad, dtype=torch.long)
+    input_ids = torch.full((len(feats), T), pad_id, dtype=torch.long)
     labels = torch.full((len(feats), T), -100, dtype=torch.long)
     attn = torch.zeros((len(feats), T), dtype=torch.long)
     for b, (ids, lab) in enumerate(feats):
