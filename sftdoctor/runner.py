@@ -29,10 +29,11 @@ class StopScript(BaseException):
     """Raised by sftdoctor inside the script to stop it cleanly (a BaseException, so a user's
     `except Exception:` does not swallow it)."""
 
-    def __init__(self, reason: str, status: str = "stopped"):
+    def __init__(self, reason: str, status: str = "stopped", exit_code: int = 0):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.exit_code = exit_code  # e.g. 143 for "terminated" (SIGTERM under torchrun)
 
 
 # ---- patching ------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ def inherited(cls: type, name: str) -> Any:
 class Outcome:
     """How the user's script ended."""
 
-    status: str  # completed | crashed | exited | interrupted | stopped
+    status: str  # completed | crashed | exited | interrupted | stopped | terminated (SIGTERM, several ranks)
     exit_code: int = 0
     reason: str = ""  # for stopped: why sftdoctor stopped it
     error: dict[str, Any] | None = None  # for crashed: type, message, file, line, function
@@ -164,7 +165,7 @@ def _execute(target: str, module: str | None, main_mod: ModuleType | None) -> Ou
             code = compile(source, main_mod.__file__, "exec", dont_inherit=True)
             exec(code, main_mod.__dict__)
     except StopScript as stop:
-        return Outcome(status=stop.status, reason=stop.reason)
+        return Outcome(status=stop.status, reason=stop.reason, exit_code=stop.exit_code)
     except SystemExit as e:
         code = e.code
         if code is None:

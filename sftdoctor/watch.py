@@ -43,12 +43,14 @@ class WatchOptions:
 class Watcher:
     """Everything `watch` attaches to one run of the script, and the report it builds."""
 
-    def __init__(self, options: WatchOptions, view: LiveView | None = None):
+    def __init__(self, options: WatchOptions, view: LiveView | None = None, job: distributed.Job | None = None):
         from .api import environment
 
         self.options = options
         self.view = view or LiveView(plain=True, quiet=True)
-        self.rank = distributed.rank()
+        self.job = job  # this rank's part in a multi-process job (None: one process)
+        self.rank = job.rank if job is not None else distributed.rank()
+        self.in_script = False  # True while the user's script runs (a SIGTERM then stops it)
         self.report = Report(command="watch", environment=environment())
         self.doctors: list[Any] = []
         self._attached: set[int] = set()  # id() of models with a Doctor
@@ -70,11 +72,14 @@ class Watcher:
         """Run the script with everything attached; return the finished report (report.run says
         how the script ended)."""
         target = resolve_script(script, module)
-        self.view.started(module and f"-m {module}" or target)
+        if self.rank in (None, 0):  # one start line per job, not one per rank
+            self.view.started(module and f"-m {module}" or target)
         self.install()
         try:
+            self.in_script = True
             outcome = run_script(script, args, module=module, globals_out=self._script_ns)
         finally:
+            self.in_script = False
             self._stopping = True
             try:
                 self.finish()
@@ -180,6 +185,13 @@ class Watcher:
 
     # ---- the first forward, and every forward's cheap check ------------------------------------------
     def _on_forward(self, model, args, kwargs, frame) -> None:
+        if self.job is not None and not self._stopping:
+            # another rank failed: stop here, before this step's backward enters a collective it will not join
+            peer = self.job.stopped_by_peer()
+            if peer is not None:
+                err = peer.get("error") or {}
+                what = f"{err.get('type')}: {err.get('message')}" if err else (peer.get("reason") or "")
+                self._stop(f"rank {peer['rank']} {peer.get('status')}" + (f" ({what})" if what else ""))
         if not torch.is_grad_enabled():
             return  # evaluation / generate(): not a training step
         if self.options.max_steps is not None and not self._stopping:
@@ -389,17 +401,27 @@ def _status(found: list[Finding], finding_id: str) -> str:
 def exit_code(report: Report) -> int:
     """The script's exit code when the script failed (exception 1, sys.exit(n) n, Ctrl-C 130),
     else 1 when a fail finding was found, else 0."""
-    # several ranks (a merged report): the first rank whose script failed decides
+    # several ranks (a merged report): run holds the first failing rank's status (distributed.merge)
     for run in [report.run, *report.run.get("ranks", [])]:
         status, code = run.get("status"), run.get("exit_code") or 0
-        if status in ("crashed", "interrupted") or (status == "exited" and code != 0):
-            return int(code) if isinstance(code, int) else 1
+        if status in ("crashed", "interrupted", "terminated") or (status == "exited" and code != 0):
+            return int(code) if isinstance(code, int) and code else 1
+    if report.run.get("status") == "incomplete":  # a rank never answered: the job is not known to be sound
+        return 1
     return 1 if report.verdict == "fail" else 0
 
 
 def watch(script: str | None, args: list[str], *, module: str | None = None, options: WatchOptions | None = None,
           view: LiveView | None = None) -> Report | None:
     """Run the script under watch; return the (rank 0: merged) report, or None on other ranks."""
-    watcher = Watcher(options or WatchOptions(), view)
+    job = distributed.Job.start()
+    watcher = Watcher(options or WatchOptions(), view, job=job)
     report = watcher.run(script, args, module=module)
-    return distributed.gather(report)
+    if job is None:
+        return report
+    merged = job.collect(report)
+    if merged is None:
+        job.linger()
+    else:
+        job.written()
+    return merged

@@ -12,8 +12,9 @@ EPILOG = """examples:
   sftdoctor watch --max-steps 20 -m mypkg.train
   torchrun --nproc_per_node 2 -m sftdoctor watch train.py   one merged report (rank 0 writes it)
 
-exit code: the script's own when it failed (exception 1, sys.exit(n) n, Ctrl-C 130), else 1 when a
-fail finding was found, else 0."""
+exit code: the script's own when it failed (exception 1, sys.exit(n) n, Ctrl-C 130, SIGTERM under
+torchrun 143), else 1 when a fail finding was found, else 0. Several ranks: rank 0 exits with the
+first failing rank's code (docs/distributed.md)."""
 
 
 def add_parser(sub) -> None:
@@ -57,10 +58,25 @@ def run(args: argparse.Namespace) -> int:
     options = WatchOptions(every=args.every, full_steps=args.full_steps, fail_fast=args.fail_fast,
                            max_steps=args.max_steps, ignore=frozenset(ignored_ids(args.ignore)),
                            max_length=args.max_length)
-    view = LiveView(plain=True if args.plain else None, quiet=False, rank=distributed.rank())
-    local = Watcher(options, view).run(script, script_args, module=args.module)
-    report = distributed.gather(local)
-    if report is None:  # not rank 0: rank 0 prints and writes the merged report
+    job = distributed.Job.start()  # None: one process
+    view = LiveView(plain=True if args.plain else None, quiet=False, rank=job.rank if job else None)
+    watcher = Watcher(options, view, job=job)
+    if job is None:
+        local = watcher.run(script, script_args, module=args.module)
+        finish(local, args)
         return exit_code(local)
-    finish(report, args)
-    return exit_code(report) if report is not local else exit_code(local)
+    # SIGTERM stops the script; afterwards it is only noted, up to this process's exit (torchrun
+    # SIGTERMs the survivors once a rank exits non-zero: the report must still be written)
+    job.install_signals(lambda: watcher.in_script)
+    local = watcher.run(script, script_args, module=args.module)
+    report = job.collect(local)  # never a collective: a peer may be dead or stuck
+    if report is None:
+        # not rank 0: rank 0 prints and writes the merged report (its exit code carries the
+        # findings); wait until it has, so this rank's exit does not get it killed mid-write
+        job.linger()
+        return exit_code(local) if distributed.is_failure(local.run) else 0
+    try:
+        finish(report, args)
+    finally:
+        job.written()
+    return exit_code(report)
