@@ -31,7 +31,8 @@ from .errors import UserError
 from .findings import Finding
 from .report import Report
 from .stepstats import (FP16_MAX, HEADROOM_FACTOR, OptimizerStep, RunHistory, StepRecord, analyze_tokens, same_device,
-                        candidate_targets, dtype_limit, dtype_name, logits_forward_stats, logits_grad_stats, to_host)
+                        candidate_targets, dtype_limit, dtype_name, logits_forward_stats, logits_grad_stats, to_host,
+                        local_tensor, is_sharded)
 
 NUMERICAL_IDS = {"loss-nonfinite", "logits-nonfinite", "precision-overflow", "precision-headroom",
                  "precision-fp16-unsafe", "grad-nonfinite", "loss-scale-skipped-steps", "loss-divergence"}
@@ -411,8 +412,10 @@ class Doctor:
             tensors["act_bwd"] = torch.stack(same_device([v for _, _, v in bwd_acts]))
         backward_seen = pend.backward_seen or pend.logits_grad_seen
         with_grad = [(n, p) for n, p in self._named_params if p.grad is not None] if backward_seen else []
+        # FSDP2 / DTensor: the norm of this rank's shard (no collective; docs/distributed.md)
+        sharded = {n for n, p in with_grad if is_sharded(p.grad)}
         if with_grad:
-            norms = torch._foreach_norm([p.grad for _, p in with_grad], 2, dtype=torch.float32)
+            norms = torch._foreach_norm([local_tensor(p.grad) for _, p in with_grad], 2, dtype=torch.float32)
             tensors["param_norms"] = torch.stack(same_device(list(norms)))
         for k, v in pend.fwd.items():
             tensors["fwd." + k] = v
@@ -449,15 +452,18 @@ class Doctor:
                 total = float("nan")
             rec.grad_norm = total / scale if scale else total
             rec.nonfinite_grad_params = [n for n, v in norm_of.items() if not math.isfinite(v)]
-            nonzero = [(n, p) for n, p in trainable if norm_of.get(n, 0.0) != 0.0]
+            # a zero shard of a sharded gradient says nothing about the whole gradient: not "zero"
+            nonzero = [(n, p) for n, p in trainable if norm_of.get(n, 0.0) != 0.0 or n in sharded]
             numel = sum(p.numel() for _, p in trainable)
             rec.params = {
                 "trainable": len(trainable), "trainable_numel": numel,
                 "with_grad": sum(1 for n, _ in trainable if n in norm_of),
                 "nonzero_grad": len(nonzero), "nonzero_numel": sum(p.numel() for _, p in nonzero),
                 "nonzero_share": round(sum(p.numel() for _, p in nonzero) / numel, 4) if numel else 0.0,
-                "zero_grad_names": [n for n, _ in trainable if norm_of.get(n, 0.0) == 0.0][:20],
+                "zero_grad_names": [n for n, _ in trainable if norm_of.get(n, 0.0) == 0.0 and n not in sharded][:20],
             }
+            if sharded:
+                rec.params["sharded_grads"] = len(sharded)  # grad_norm covers this rank's shards only
         else:
             rec.params = {"trainable": len(trainable), "trainable_numel": sum(p.numel() for _, p in trainable)}
         opt = self._opt_ref() if self._opt_ref is not None else None

@@ -310,9 +310,21 @@ def same_device(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.to(dev) for t in tensors]
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 fully_shard, tensor parallel), else t itself. Never a
+    collective: full_tensor() would all-gather, and a peer may be dead or stuck."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) and type(t).__name__ == "DTensor" else t
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor split over ranks (some Shard placement): its local part is not the whole tensor."""
+    return type(t).__name__ == "DTensor" and any(p.is_shard() for p in getattr(t, "placements", ()))
+
+
 def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Move many small device tensors to the CPU with ONE transfer (one host sync)."""
-    items = [(k, t) for k, t in tensors.items() if t is not None]
+    items = [(k, local_tensor(t)) for k, t in tensors.items() if t is not None]
     if not items:
         return {}
     flat = torch.cat([t.detach().reshape(-1).to(dtype=torch.float64) for t in same_device([t for _, t in items])]).cpu()
