@@ -2,6 +2,8 @@
 per-token-class table, and a token view of a few rows."""
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 from rich.console import Console, Group
@@ -29,7 +31,9 @@ def render(report: Report, console: Console | None = None, *, tokens: bool = Tru
 
 def renderables(report: Report, *, tokens: bool = True, max_rows: int = 2) -> list[Any]:
     out: list[Any] = [verdict_line(report)]
-    if report.run.get("status") not in (None, "completed"):
+    if report.run.get("ranks"):
+        out.extend(rank_lines(report))  # several ranks: each one's end, the failing one first
+    elif report.run.get("status") not in (None, "completed"):
         out.append(Text(f"run {report.run.get('status')}: {report.run.get('error', {}).get('message', '') if isinstance(report.run.get('error'), dict) else ''}".rstrip(": "), style="red"))
     for err in report.run.get("internal_errors", [])[:3]:
         # a probe or hook of ours failed: the report may be incomplete, say so
@@ -44,6 +48,28 @@ def renderables(report: Report, *, tokens: bool = True, max_rows: int = 2) -> li
     if tokens:
         out.extend(t for t in (logits_table(report), generation_table(report)) if t is not None)
     out.append(checks_line(report))
+    return out
+
+
+def rank_lines(report: Report) -> list[Text]:
+    """A multi-process run: the first failing rank's end (the root cause), then every other rank
+    that did not complete, one line each."""
+    def what(e: dict) -> str:
+        err = e.get("error") if isinstance(e.get("error"), dict) else None
+        if err:
+            where = f" ({os.path.basename(str(err['file']))}:{err.get('line')})" if err.get("file") else ""
+            return f"{err.get('type')}: {err.get('message')}{where}"
+        return str(e.get("stopped_by") or e.get("reason") or e.get("note") or "")
+
+    out = []
+    ranks = report.run.get("ranks", [])
+    first = report.run.get("failed_rank")
+    order = sorted(ranks, key=lambda e: e.get("rank") != first)
+    for e in order:
+        if e.get("status") == "completed":
+            continue
+        label = f"run {e.get('status')} on rank {e.get('rank')}" + (" (first)" if e.get("rank") == first and len(ranks) > 1 else "")
+        out.append(Text(f"{label}: {what(e)}".rstrip(": "), style="red" if e.get("rank") == first else "yellow"))
     return out
 
 

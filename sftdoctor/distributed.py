@@ -440,6 +440,7 @@ def merge(reports: list[dict[str, Any] | None], world: int, *, stop: dict[str, A
     missing = [e["rank"] for e in ranks if e["status"] == "no-report"]
     if missing:
         base.run["ranks_missing"] = missing
+    _job_loss(base, reports)
     first = _first_failure(ranks, stop)
     if first is not None:
         base.run["failed_rank"] = first["rank"]
@@ -455,6 +456,40 @@ def merge(reports: list[dict[str, Any] | None], world: int, *, stop: dict[str, A
         base.run["status"] = "incomplete"
         base.run["error"] = {"type": "RankMissing", "message": ranks[missing[0]]["note"]}
     return base
+
+
+def _job_loss(base: Report, reports: list[dict[str, Any] | None]) -> None:
+    """The loss per optimizer step as the user's own log prints it.
+
+    HF Trainer passes num_items_in_batch (the supervised tokens of the whole optimizer step, summed
+    over ranks and accumulated micro-batches) to the model, so each micro-step's loss is
+    sum(own tokens' loss) / all tokens; Trainer logs mean over ranks of (world * sum over micro-steps),
+    i.e. the sum over ranks and micro-steps of those losses. Rank 0's micro-step loss alone (the
+    "loss" of metrics.steps) is a fraction of it."""
+    if not any(d and d.get("run", {}).get("loss_normalized_by") == "num_items_in_batch" for d in reports):
+        return
+    per_rank = []
+    for d in reports:
+        if not d:
+            continue
+        sums, acc = [], 0.0
+        for row in d.get("metrics", {}).get("steps", []):
+            if not isinstance(row.get("loss"), (int, float)):
+                continue
+            acc += row["loss"]
+            if row.get("optimizer_step"):
+                sums.append(acc)
+                acc = 0.0
+        per_rank.append(sums)
+    if len(per_rank) != len(reports):
+        return  # a rank's steps are missing: a partial sum would be wrong, not approximate
+    n = min((len(s) for s in per_rank), default=0)
+    series = [sum(s[i] for s in per_rank) for i in range(n)]
+    base.metrics["logged_loss"] = {"values": series, "how": "sum over ranks and micro-steps of the model's loss "
+                                   "(normalised by num_items_in_batch), as HF Trainer logs it"}
+    rows = [row for row in base.metrics.get("steps", []) if row.get("optimizer_step")]
+    for row, value in zip(rows, series):
+        row["logged_loss"] = value
 
 
 def _first_failure(ranks: list[dict[str, Any]], stop: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -194,6 +194,8 @@ class Watcher:
                 self._stop(f"rank {peer['rank']} {peer.get('status')}" + (f" ({what})" if what else ""))
         if not torch.is_grad_enabled():
             return  # evaluation / generate(): not a training step
+        if "num_items_in_batch" in kwargs:  # HF Trainer: the loss is a share of the whole step's (distributed.merge)
+            self.report.run["loss_normalized_by"] = "num_items_in_batch"
         if self.options.max_steps is not None and not self._stopping:
             if self.optimizer_steps >= self.options.max_steps:
                 self._stop(f"--max-steps {self.options.max_steps} reached")
