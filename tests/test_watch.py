@@ -243,21 +243,25 @@ DDP_SCRIPT = """
 """
 
 
-@pytest.mark.parametrize("destroys_group", [True, False], ids=["files", "gather_object"])
+@pytest.mark.parametrize("destroys_group", [True, False], ids=["files", "store"])
 def test_torchrun_two_processes_one_merged_report(tmp_path, destroys_group):
-    """Ranks gather by gather_object when the script leaves its process group up, else by files."""
+    """Ranks exchange reports through torchrun's store, or files in SFTDOCTOR_RANK_DIR; never a
+    collective, whether or not the script left its process group up."""
     script = tmp_path / "ddp.py"
     source = textwrap.dedent(DDP_SCRIPT)
     script.write_text(source if destroys_group else source.replace("dist.destroy_process_group()", ""))
     out = tmp_path / "merged.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", SFTDOCTOR_RANK_DIR=str(tmp_path / "ranks"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if destroys_group:
+        env["SFTDOCTOR_RANK_DIR"] = str(tmp_path / "ranks")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "sftdoctor", "watch", "-q", "--plain", "--json", str(out), str(script),
                            str(TOKENIZERS / "gpt2")], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     report = json.loads(out.read_text())
     assert proc.returncode == 1, proc.stderr[-3000:]  # a fail finding on rank 0
     assert report["run"]["world_size"] == 2 and report["run"]["ranks_reported"] == 2
-    assert report["run"]["gathered_by"] == ("files" if destroys_group else "gather_object")
+    assert report["run"]["gathered_by"] == ("files" if destroys_group else "store")
+    assert proc.stdout.count("sftdoctor watch: running") == 1  # the start line once (rank 0)
     pad = [f for f in report["findings"] if f["id"] == "labels-pad-not-ignored"]
     assert [f["rank"] for f in pad] == [0]  # only rank 0 supervises its padding
     assert {f.get("rank") for f in report["findings"]} <= {0, 1}
