@@ -19,7 +19,6 @@ import pytest
 
 from conftest import TOKENIZERS
 
-pytestmark = pytest.mark.slow
 HARD_TIMEOUT = 240  # a hang fails the test instead of the CI job
 
 DDP = """
@@ -135,6 +134,7 @@ def by_rank(report: dict) -> dict[int, dict]:
     return {e["rank"]: e for e in report["run"]["ranks"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail_rank, channel", [(1, "store"), (0, "files")])
 def test_a_crash_on_one_rank_ends_the_job_and_names_the_rank(tmp_path, fail_rank, channel):
     env = {"FAIL_RANK": str(fail_rank)}
@@ -158,6 +158,7 @@ def test_a_crash_on_one_rank_ends_the_job_and_names_the_rank(tmp_path, fail_rank
         assert not (tmp_path / "ranks").exists() or not list((tmp_path / "ranks").iterdir())
 
 
+@pytest.mark.slow
 def test_fail_fast_on_one_rank_stops_every_rank(tmp_path):
     proc, ended = launch(tmp_path, DDP, env={"PAD_BUG_RANKS": "1", "STEPS": "200"}, options=("--fail-fast",))
     log = proc.stdout + proc.stderr
@@ -171,6 +172,7 @@ def test_fail_fast_on_one_rank_stops_every_rank(tmp_path):
     assert [f["rank"] for f in report["findings"] if f["id"] == "labels-pad-not-ignored"] == [1]
 
 
+@pytest.mark.slow
 def test_trainer_collate_error_on_one_rank_under_accelerate_launch(tmp_path):
     proc, ended = launch(tmp_path, TRAINER, env={"FAIL_RANK": "1"}, launcher="accelerate")
     log = proc.stdout + proc.stderr
@@ -187,6 +189,7 @@ def test_trainer_collate_error_on_one_rank_under_accelerate_launch(tmp_path):
     assert report["metrics"]["logged_loss"]["values"][:len(logged)] == pytest.approx(logged, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sigint_to_the_launcher_ends_the_job_with_a_report(tmp_path):
     proc = launch(tmp_path, DDP, env={"STEPS": "100000", "STEP_SLEEP": "0.05", "RUNNING_MARK": str(tmp_path / "running")},
                   popen=True)
@@ -211,6 +214,7 @@ def test_sigint_to_the_launcher_ends_the_job_with_a_report(tmp_path):
     assert {e["status"] for e in report["run"]["ranks"]} <= {"interrupted", "terminated", "stopped", "crashed"}
 
 
+@pytest.mark.slow
 def test_fsdp2_pad_bug_is_found_by_the_step_probes(tmp_path):
     proc, ended = launch(tmp_path, DDP, env={"FSDP2": "1", "PAD_BUG_RANKS": "0,1", "STEPS": "3"})
     log = proc.stdout + proc.stderr
@@ -223,3 +227,46 @@ def test_fsdp2_pad_bug_is_found_by_the_step_probes(tmp_path):
     assert {f["rank"] for f in report["findings"] if f["id"] == "grad-from-ignored-tokens"} == {0, 1}
     steps = report["metrics"]["steps"]
     assert steps and all(s["grad_norm"] is not None for s in steps if s["optimizer_step"])
+
+
+# ---- the merge, without processes (fast) --------------------------------------------------------
+
+def _rank_report(rank: int, status: str = "completed", **run) -> dict:
+    from sftdoctor.report import Report
+
+    r = Report(command="watch")
+    r.run.update(status=status, exit_code=run.pop("exit_code", 0), rank=rank, **run)
+    return r.to_dict()
+
+
+def test_merge_names_the_first_failing_rank_and_keeps_the_others():
+    from sftdoctor.distributed import merge
+    from sftdoctor.watch import exit_code
+
+    echo = {"type": "RuntimeError", "message": "Connection closed by peer"}
+    root = {"type": "ValueError", "message": "bad row", "file": "train.py", "line": 9, "function": "<module>"}
+    merged = merge([_rank_report(0, "crashed", exit_code=1, error=echo), _rank_report(1, "crashed", exit_code=1, error=root)],
+                   2, stop={"rank": 1, "status": "crashed"}, waited=0.1)
+    assert merged.run["failed_rank"] == 1 and merged.run["error"] == root  # the root cause, not rank 0's echo
+    assert merged.run["rank0"]["error"] == echo
+    assert [e["error"]["type"] for e in merged.run["ranks"]] == ["RuntimeError", "ValueError"]
+    assert exit_code(merged) == 1
+
+
+def test_merge_says_which_rank_did_not_answer():
+    from sftdoctor.distributed import merge
+    from sftdoctor.watch import exit_code
+
+    merged = merge([_rank_report(0), None], 2, waited=20.0)
+    assert merged.run["ranks_missing"] == [1] and merged.run["status"] == "incomplete"
+    assert "rank 1 did not answer within 20.0 s" in merged.run["ranks"][1]["note"]
+    assert exit_code(merged) == 1  # a silent rank is never a clean pass
+
+
+def test_a_stop_of_fail_fast_stops_the_job_a_max_steps_stop_does_not():
+    from sftdoctor.distributed import is_failure
+
+    assert is_failure({"status": "stopped", "stopped_by": "--fail-fast: labels-pad-not-ignored"})
+    assert not is_failure({"status": "stopped", "stopped_by": "--max-steps 3 reached"})
+    assert is_failure({"status": "exited", "exit_code": 3}) and not is_failure({"status": "exited", "exit_code": 0})
+    assert is_failure({"status": "terminated", "exit_code": 143})
