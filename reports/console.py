@@ -58,7 +58,7 @@ def rank_lines(report: Report) -> list[Text]:
         err = e.get("error") if isinstance(e.get("error"), dict) else None
         if err:
             where = f" ({os.path.basename(str(err['file']))}:{err.get('line')})" if err.get("file") else ""
-            return f"{err.get('type')}: {err.get('message')}{where}"
+            return f"{err.get('type')}" + (f": {err.get('message')}" if err.get("message") else "") + where
         return str(e.get("stopped_by") or e.get("reason") or e.get("note") or "")
 
     out = []

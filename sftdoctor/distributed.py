@@ -474,9 +474,10 @@ def _job_loss(base: Report, reports: list[dict[str, Any] | None]) -> None:
             continue
         sums, acc = [], 0.0
         for row in d.get("metrics", {}).get("steps", []):
-            if not isinstance(row.get("loss"), (int, float)):
+            raw = row.get("raw_loss", row.get("loss"))  # the model's own value, should a row ever rescale "loss"
+            if not isinstance(raw, (int, float)):
                 continue
-            acc += row["loss"]
+            acc += raw
             if row.get("optimizer_step"):
                 sums.append(acc)
                 acc = 0.0
