@@ -312,7 +312,12 @@ def run_view(report: Report) -> dict[str, Any] | None:
             where = ":".join(str(where[k]) for k in ("file", "line", "function") if where.get(k) is not None) or str(where)
         elif isinstance(where, list):
             where = " → ".join(str(w) for w in where[-4:])
-        error = {"type": str(err.get("type", "")), "message": str(err.get("message", "")), "where": str(where) if where else ""}
+        if not where and err.get("file"):  # runner.error_info: the user's own frame
+            where = f"{err['file']}:{err.get('line')} in {err.get('function')}"
+        etype = str(err.get("type", ""))
+        if run.get("failed_rank") is not None:  # several ranks: the first failing one's error
+            etype = f"{etype} (rank {run['failed_rank']}, the first rank to fail)"
+        error = {"type": etype, "message": str(err.get("message", "")), "where": str(where) if where else ""}
     elif err:
         error = {"type": "", "message": str(err), "where": ""}
     rest = {k: v for k, v in run.items() if k not in ("status", "error")}

@@ -200,6 +200,9 @@ class Doctor:
         if labels is not None:
             # cheap every step: supervised tokens as HF counts them (labels[t + 1] != -100)
             pend.tensors["supervised"] = (labels[:, 1:] != IGNORE_INDEX).sum()
+            n_items = kwargs.get("num_items_in_batch")
+            if isinstance(n_items, (int, float, torch.Tensor)):  # HF Trainer: loss = token-loss sum / n_items
+                pend.tensors["num_items"] = torch.as_tensor(n_items).detach().float().reshape(-1)[:1].reshape(())
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
             pend.device_ids, pend.device_labels = ids, labels
             if full:  # copied to the host with the step's statistics (one transfer), see _build_record
@@ -441,6 +444,13 @@ class Doctor:
                 rec.loss, rec.loss_source = rec.backward_loss, "backward"
         if "supervised" in host:
             rec.supervised_tokens, rec.supervised_source = int(host["supervised"]), "labels"
+        if rec.loss_source == "model" and "num_items" in host and rec.supervised_tokens:
+            # HF Trainer divides by the supervised tokens of the whole optimizer step (all ranks, all
+            # micro-batches): the model's loss is a share that wobbles with this micro-batch's token
+            # count. Recorded: the mean over this micro-batch's own tokens (what one process without
+            # accumulation logs); the share stays in raw_loss (distributed.merge sums it as Trainer logs)
+            rec.raw_loss = rec.loss
+            rec.loss = rec.loss * float(host["num_items"]) / rec.supervised_tokens
 
         # parameters and their gradients (cheap: one foreach norm, every step)
         trainable = [(n, p) for n, p in self._named_params if p.requires_grad]

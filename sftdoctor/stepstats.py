@@ -57,6 +57,7 @@ class StepRecord:
     loss: float | None = None  # the model's loss if it returned one, else the tensor given to .backward()
     backward_loss: float | None = None  # what .backward() was called on (divided by the GradScaler scale)
     loss_source: str | None = None  # "model" | "backward"
+    raw_loss: float | None = None  # the model's own loss when `loss` was rescaled (num_items_in_batch, see attach)
     loss_scale: float | None = None
     lr: float | None = None
     grad_norm: float | None = None  # global L2 norm of parameter grads after this backward (unscaled)
@@ -86,6 +87,7 @@ class StepRecord:
             "step": self.step, "optimizer_step": self.optimizer_step, "loss": self.loss,
             "grad_norm": self.grad_norm, "loss_scale": self.loss_scale, "lr": self.lr,
             "supervised_tokens": self.supervised_tokens, "by_class": self.by_class, "full": self.full,
+            **({"raw_loss": self.raw_loss} if self.raw_loss is not None else {}),
         }
 
 

@@ -154,6 +154,7 @@ def test_a_crash_on_one_rank_ends_the_job_and_names_the_rank(tmp_path, fail_rank
     assert by_rank(report)[fail_rank]["error"]["type"] == "ValueError"
     assert f"run crashed on rank {fail_rank} (first): ValueError: bad row on rank {fail_rank}" in proc.stdout
     assert proc.stdout.count("sftdoctor watch: running") == 1  # the start line once, from rank 0
+    assert f"rank {fail_rank}, the first rank to fail" in (tmp_path / "run.html").read_text()
     if channel == "files":
         assert not (tmp_path / "ranks").exists() or not list((tmp_path / "ranks").iterdir())
 
@@ -187,6 +188,10 @@ def test_trainer_collate_error_on_one_rank_under_accelerate_launch(tmp_path):
     logged = [float(x) for x in (tmp_path / "loss.log").read_text().split()]
     assert logged  # accelerate's loader prefetches a batch: the collate error comes during step 2
     assert report["metrics"]["logged_loss"]["values"][:len(logged)] == pytest.approx(logged, rel=1e-5)
+    # each micro-step's recorded loss is its own tokens' mean (near the logged one), not a share of it
+    steps = report["metrics"]["steps"]
+    assert all(s["raw_loss"] < 0.5 * s["loss"] for s in steps)  # 2 ranks x 2 micro-batches share the step
+    assert all(abs(s["loss"] - logged[0]) < 0.05 * logged[0] for s in steps[:2])
 
 
 @pytest.mark.slow
