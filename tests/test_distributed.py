@@ -7,6 +7,7 @@ happens (the script writes the time to FAIL_MARK), so a slow start on a busy mac
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -191,7 +192,9 @@ def test_trainer_collate_error_on_one_rank_under_accelerate_launch(tmp_path):
     # each micro-step's recorded loss is its own tokens' mean (near the logged one), not a share of it
     steps = report["metrics"]["steps"]
     assert all(s["raw_loss"] < 0.5 * s["loss"] for s in steps)  # 2 ranks x 2 micro-batches share the step
-    assert all(abs(s["loss"] - logged[0]) < 0.05 * logged[0] for s in steps[:2])
+    # (near ln(vocab) for a random-init model; Trainer's own log is lower here because this tiny config
+    # has no loss_type, so HF counts unshifted labels in num_items_in_batch: docs/distributed.md)
+    assert all(abs(s["loss"] - math.log(50257)) < 0.3 for s in steps), [(s["loss"], s["raw_loss"]) for s in steps]
 
 
 @pytest.mark.slow
