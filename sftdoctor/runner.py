@@ -227,7 +227,10 @@ def user_traceback(exc: BaseException) -> traceback.TracebackException:
 
 def print_user_traceback(exc: BaseException, file=None) -> None:
     file = file or sys.stderr
-    print("".join(user_traceback(exc).format()), end="", file=file)
+    from .textsafe import terminal_safe
+
+    # the message can quote dataset text: its escape sequences must not reach the terminal
+    print(terminal_safe("".join(user_traceback(exc).format())), end="", file=file)
     file.flush()
 
 

@@ -17,6 +17,7 @@ import torch
 from ..errors import UserError
 from ..findings import Finding
 from ..report import Report
+from ..textsafe import terminal_safe
 from .collate import WithExampleIds
 from .pipeline import Pipeline, build_pipeline, stop_ids, world_size
 from .preflight import PREFLIGHT_BATCHES, apply_fixes, run_preflight
@@ -171,7 +172,7 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
     main = is_main()
     quiet_libraries()
     err = console()
-    say = say or ((lambda text: err.print(text, highlight=False, markup=False)) if main else (lambda text: None))
+    say = say or ((lambda text: err.print(terminal_safe(text), highlight=False, markup=False)) if main else (lambda text: None))
     threads = set_threads(recipe)
     torch.manual_seed(recipe.seed)
     out = prepare_output_dir(recipe, resume, overwrite)
