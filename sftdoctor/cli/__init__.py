@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"sftdoctor: error: {terminal_safe(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sftdoctor: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C: 130; SIGTERM/SIGHUP (sftdoctor.signals): 128 + the signal
+        print(f"sftdoctor: {getattr(e, 'signal_name', 'interrupted')}", file=sys.stderr)
+        return int(getattr(e, "exit_code", 130))
 
 
 def entry() -> None:  # console script

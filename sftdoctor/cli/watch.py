@@ -58,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
                            max_steps=args.max_steps, ignore=frozenset(ignored_ids(args.ignore)),
                            max_length=args.max_length)
     view = LiveView(plain=True if args.plain else None, quiet=False, rank=distributed.rank())
-    local = Watcher(options, view).run(script, script_args, module=args.module)
+    from ..signals import terminate_as_interrupt
+
+    with terminate_as_interrupt():  # SIGTERM/SIGHUP end the script like Ctrl-C: the report is still written
+        local = Watcher(options, view).run(script, script_args, module=args.module)
     report = distributed.gather(local)
     if report is None:  # not rank 0: rank 0 prints and writes the merged report
         return exit_code(local)

@@ -117,7 +117,7 @@ def _check_rows(rows: list, where: str) -> list[dict]:
         if not isinstance(r, dict) or not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
             keys = sorted(r) if isinstance(r, dict) else type(r).__name__
             raise UserError(f"{where}: row {i} has no string question/answer fields (found {keys}); "
-                            "each row needs {{\"question\": ..., \"answer\": \"... #### N\"}}")
+                            "each row needs {\"question\": ..., \"answer\": \"... #### N\"}")
         out.append({"id": i, "question": r["question"], "answer": r["answer"]})
     return out
 
