@@ -181,7 +181,7 @@ class Batch:
         """Adapter from what a collator returns (dict/BatchEncoding of tensors or lists)."""
         if not hasattr(batch, "keys"):
             raise UserError(f"the batch is a {type(batch).__name__}, not a dict; save the dict your collator returns")
-        if "input_ids" not in batch:
+        if "input_ids" not in batch or batch.get("input_ids") is None:
             keys = ", ".join(sorted(map(str, batch.keys()))) or "none"
             raise UserError(f"the batch has no 'input_ids' (keys: {keys}); save the dict your collator returns")
 

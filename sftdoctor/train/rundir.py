@@ -69,8 +69,7 @@ def write_marker(out: Path) -> None:
 
 def prepare(out: Path, *, resume: bool, overwrite: bool, dry_run: bool, main: bool, say: Callable[[str], None]) -> str:
     """Check and prepare the output folder; returns the report file name to write in it."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output dir {out} is a file; pass a folder with --output-dir")
+    check_output_dir(out)  # also when it came from --config or the default: a folder we can write
     held = out.is_dir() and any(out.iterdir())
     if held and not is_run(out):
         what = "--resume" if resume else ("--overwrite" if overwrite else "output dir")
