@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         check_output_paths(args)
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"sftdoctor: error: {terminal_safe(e)}", file=sys.stderr)
+        # one line, inert: the message can quote a path or dataset text (escape sequences, newlines)
+        print(f"sftdoctor: error: {terminal_safe(e).replace(chr(10), ' ')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C: 130; SIGTERM/SIGHUP (sftdoctor.signals): 128 + the signal
         print(f"sftdoctor: {getattr(e, 'signal_name', 'interrupted')}", file=sys.stderr)
