@@ -206,6 +206,26 @@ def _check_sample(row: Any, where: str) -> None:
             _need(_is_int(row[key]), f"{where}.{key}", "an integer", row[key])
 
 
+def _array_of_objects(v: Any, where: str) -> None:
+    _need(isinstance(v, list) and all(isinstance(x, dict) for x in v), where, "an array of objects", v)
+
+
+def _check_rendered_shapes(run: dict, metrics: dict) -> None:
+    """The shapes of the run/metrics entries that renderers index into (reports/console.py, html.py)."""
+    if "internal_errors" in run:
+        _need(isinstance(run["internal_errors"], list), "run.internal_errors", "an array", run["internal_errors"])
+    logits = metrics.get("logits")
+    if logits is not None:
+        _need(isinstance(logits, dict) and all(isinstance(r, dict) for r in logits.values()), "metrics.logits",
+              "an object of objects", logits)
+        for dtype, row in logits.items():
+            if row.get("argmax_top") is not None:
+                _array_of_objects(row["argmax_top"], f"metrics.logits.{dtype}.argmax_top")
+    for key in ("generations", "argmax_histogram", "activations", "steps"):
+        if metrics.get(key) is not None:
+            _array_of_objects(metrics[key], f"metrics.{key}")
+
+
 def validate_report(d: Any, source: str = "the report") -> None:
     """Raise one UserError naming the first field of `d` that a report cannot hold."""
     if not isinstance(d, dict):
@@ -252,6 +272,7 @@ def validate_report(d: Any, source: str = "the report") -> None:
             _check_sample(row, f"samples[{i}]")
         for k, n in (d.get("repeats") or {}).items():
             _need(_is_int(n), f"repeats.{k}", "an integer", n)
+        _check_rendered_shapes(d.get("run") or {}, d.get("metrics") or {})
         tc = (d.get("metrics") or {}).get("token_classes")
         if tc is not None:
             _need(isinstance(tc, dict), "metrics.token_classes", "an object", tc)

@@ -97,6 +97,22 @@ def test_fuzz_report_fields_of_any_type(fields):
     load_or_refuse({"schema": SCHEMA, **fields})
 
 
+# the keys renderers read (reports/*.py): each gets values of every JSON type
+RUN_KEYS = ["status", "exit_code", "error", "internal_errors", "reason", "stopped_by", "first_forward", "ranks", "message"]
+METRIC_KEYS = ["token_classes", "steps", "activations", "argmax_histogram", "logits", "generations", "fp16_forecast",
+               "batch", "tokenizer", "model", "train", "eval", "saves", "optimizer_steps"]
+known = st.fixed_dictionaries({}, optional={"run": st.dictionaries(st.sampled_from(RUN_KEYS), json_values, max_size=4),
+                                            "metrics": st.dictionaries(st.sampled_from(METRIC_KEYS), json_values, max_size=4)})
+
+
+@FUZZ
+@given(known)
+def test_fuzz_known_run_and_metrics_keys_of_any_type(fields):
+    data = dict(valid_report())
+    data.update(fields)
+    load_or_refuse(data)
+
+
 @FUZZ
 @given(st.lists(st.tuples(st.sampled_from(REPORT_PATHS), json_values), min_size=1, max_size=3))
 def test_fuzz_one_field_of_a_valid_report_replaced(edits):
