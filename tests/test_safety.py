@@ -454,6 +454,18 @@ def test_a_fifo_as_report_input_never_blocks(tmp_path):
     assert r.returncode == 2 and "FIFO" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_a_fifo_as_train_config_or_data_never_blocks(tmp_path):
+    from sftdoctor.train.data import load_local
+
+    os.mkfifo(tmp_path / "recipe.toml")
+    r = subprocess.run([sys.executable, "-m", "sftdoctor", "train", "--config", str(tmp_path / "recipe.toml"), "--output-dir",
+                        str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "FIFO" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    os.mkfifo(tmp_path / "rows.jsonl")
+    with pytest.raises(UserError, match="FIFO"):
+        load_local(str(tmp_path / "rows.jsonl"))
+
+
 def test_dash_writes_the_report_to_stdout(run_json, capsys):
     code = main(["report", str(run_json), "--html", "-"])
     out, err = capsys.readouterr()
