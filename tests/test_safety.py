@@ -433,6 +433,26 @@ def test_html_isolates_bidi_overrides_and_carries_the_marker():
     assert "body * { unicode-bidi: isolate; }" in page
 
 
+@pytest.mark.browser
+def test_bidi_override_stays_inside_its_element_in_chromium(tmp_path):
+    import html_fixtures as fx
+
+    if fx.chromium_path() is None:
+        if os.environ.get("SFTDOCTOR_REQUIRE_BROWSER") == "1":
+            pytest.fail("SFTDOCTOR_REQUIRE_BROWSER=1 but chromium is not installed")
+        pytest.skip("chromium is not installed")
+    from sftdoctor.reports.html import write_html
+
+    r = small_report()
+    r.samples[0]["texts"] = ["\u202egnp.exe", "b", "c"]
+    write_html(r, tmp_path / "r.html")
+    with fx.open_page(tmp_path / "r.html") as (page, events):
+        styles = page.evaluate("""() => [...document.querySelectorAll('body *')]
+            .filter(e => e.textContent.includes('\u202e') && e.children.length === 0)
+            .map(e => getComputedStyle(e).unicodeBidi)""")
+    assert styles and set(styles) == {"isolate"} and not events.csp_violations, styles
+
+
 # ---- hangs --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("target", ["fifo", "/dev/stdout"])
