@@ -18,6 +18,7 @@ REPORT_SCHEMA_PREFIX = "sftdoctor.report/"
 # the marker every HTML report carries in its <head> (reports/templates/report.html)
 HTML_MARKER = re.compile(rb'<meta name="sftdoctor-report" content="sftdoctor\.report/\d+">')
 HTML_HEAD = 64 << 10
+PROBE_PREFIX = ".sftdoctor-probe-"  # check_writable_folder's temporary file (removed at once)
 
 
 def describe_kind(path: str | os.PathLike) -> str:
@@ -91,7 +92,7 @@ def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
             raise UserError(f"cannot write {what}: {folder} is not a folder")
         raise UserError(f"cannot write {what}: folder {folder} does not exist; create it (mkdir -p {folder}) or choose another path")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".sftdoctor-probe-", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=folder)
     except OSError as e:
         raise UserError(f"cannot write {what}: folder {folder} is not writable ({os.strerror(e.errno) if e.errno else e})") from None
     os.close(fd)

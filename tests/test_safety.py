@@ -384,7 +384,7 @@ def test_terminal_safe_neutralises_c0_and_c1_controls():
     assert not any(ord(c) < 32 and c not in "\t\n" or 0x7f <= ord(c) <= 0x9f for c in out)
 
 
-def test_console_report_live_view_and_error_lines_print_no_escape_sequences(capsys):
+def test_console_report_live_view_and_error_lines_print_no_escape_sequences(capsys, monkeypatch):
     from rich.console import Console
 
     from sftdoctor.live import LiveView
@@ -402,24 +402,13 @@ def test_console_report_live_view_and_error_lines_print_no_escape_sequences(caps
     for text in (buf.getvalue(), live.getvalue()):
         assert "\x1b" not in text and "\x07" not in text and "\r" not in text and "\x9b" not in text, repr(text)
         assert "\\e]52" in text
-    from sftdoctor import cli
-
-    def bad(args):
-        raise UserError("no question field in " + EVIL)
-
-    parser_run = cli.main
-    code = parser_run(["probes"])  # a verb that works, then one whose error quotes data
-    assert code == 0
-    capsys.readouterr()
     import sftdoctor.cli.probes_cmd as probes_cmd
 
-    orig = probes_cmd.run
-    probes_cmd.run = bad
-    try:
-        code = cli.main(["probes"])
-    finally:
-        probes_cmd.run = orig
-    err = one_line_error(capsys, code, "\\e]52")
+    def bad(args):  # a verb whose error quotes dataset text
+        raise UserError("no question field in " + EVIL)
+
+    monkeypatch.setattr(probes_cmd, "run", bad)
+    err = one_line_error(capsys, main(["probes"]), "\\e]52")
     assert "\x1b" not in err
 
 

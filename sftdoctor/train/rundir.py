@@ -22,7 +22,7 @@ from typing import Callable
 
 from ..atomic import write_atomic
 from ..errors import UserError
-from ..paths import check_writable_folder, nearest_existing
+from ..paths import PROBE_PREFIX, check_writable_folder, nearest_existing
 
 MARKER = ".sftdoctor-run.json"
 MARKER_SCHEMA = "sftdoctor.run/1"
@@ -70,7 +70,10 @@ def write_marker(out: Path) -> None:
 def prepare(out: Path, *, resume: bool, overwrite: bool, dry_run: bool, main: bool, say: Callable[[str], None]) -> str:
     """Check and prepare the output folder; returns the report file name to write in it."""
     check_output_dir(out)  # also when it came from --config or the default: a folder we can write
-    held = out.is_dir() and any(out.iterdir())
+    if not main:  # rank 0 alone checks, deletes and marks (the others wait at the barrier after this)
+        return REPORT_FILE
+    # another process's writability probe (check_writable_folder) is not content of the folder
+    held = out.is_dir() and any(not p.name.startswith(PROBE_PREFIX) for p in out.iterdir())
     if held and not is_run(out):
         what = "--resume" if resume else ("--overwrite" if overwrite else "output dir")
         raise UserError(f"{what}: {out} is not empty and is not a run of sftdoctor train (no {MARKER} in it); "
@@ -82,15 +85,13 @@ def prepare(out: Path, *, resume: bool, overwrite: bool, dry_run: bool, main: bo
         if dry_run:
             say(f"--dry-run: nothing deleted in {out}; the dry run's report goes to {out / DRY_RUN_REPORT}")
             return DRY_RUN_REPORT
-        if main:
-            for child in OURS:  # only the entries train writes; anything else of the user's stays
-                p = out / child
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                elif p.exists() or p.is_symlink():
-                    p.unlink()
-    if main:
-        write_marker(out)
+        for child in OURS:  # only the entries train writes; anything else of the user's stays
+            p = out / child
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    write_marker(out)
     return REPORT_FILE
 
 
