@@ -29,7 +29,23 @@ def render(report: Report, console: Console | None = None, *, tokens: bool = Tru
         console.print(part)
 
 
+def terminal_copy(report: Report) -> Report:
+    """The report with every string made inert for a terminal (sftdoctor.textsafe): dataset text,
+    token strings and error messages can hold escape sequences."""
+    from dataclasses import replace
+
+    from sftdoctor.textsafe import terminal_safe_data as safe
+
+    return Report(command=safe(report.command),
+                  findings=[replace(f, id=safe(f.id), message=safe(f.message), evidence=safe(f.evidence), fix=safe(f.fix))
+                            for f in report.findings],
+                  checks=[replace(c, id=safe(c.id), reason=safe(c.reason)) for c in report.checks],
+                  metrics=safe(report.metrics), environment=safe(report.environment), samples=safe(report.samples),
+                  run=safe(report.run), repeats=safe(report.repeats))
+
+
 def renderables(report: Report, *, tokens: bool = True, max_rows: int = 2) -> list[Any]:
+    report = terminal_copy(report)  # invariant: nothing below prints a raw string of the report
     out: list[Any] = [verdict_line(report)]
     if report.run.get("ranks"):
         out.extend(rank_lines(report))  # several ranks: each one's end, the failing one first

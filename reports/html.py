@@ -456,7 +456,9 @@ def render_html(report: Report) -> str:
     script = (TEMPLATES / "report.js").read_text(encoding="utf-8")
     ctx = build_context(report)
     # css/script are our own package files (never user data); the CSP allows exactly these bytes
-    return env.get_template("report.html").render(css=css, script=script, csp=csp(css, script), **ctx)
+    from sftdoctor.report import SCHEMA
+
+    return env.get_template("report.html").render(css=css, script=script, csp=csp(css, script), schema=SCHEMA, **ctx)
 
 
 def write_html(report: Report, path: str | os.PathLike) -> Path:

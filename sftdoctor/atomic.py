@@ -38,3 +38,17 @@ def write_atomic(path: str | os.PathLike, data: str | bytes, *, overwrite: bool 
             pass
         raise
     return path
+
+
+def write_fallback(data: str | bytes, suffix: str) -> Path | None:
+    """A copy of a report that could not be written where asked (disk full, read-only file
+    system): in the temporary folder, then the home folder. Returns where it went, or None."""
+    import time
+
+    name = f"sftdoctor-report-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}{suffix}"
+    for folder in (tempfile.gettempdir(), os.path.expanduser("~")):
+        try:
+            return write_atomic(Path(folder) / name, data)
+        except (OSError, UserError):
+            continue
+    return None

@@ -132,9 +132,14 @@ def weight_files(folder: str | os.PathLike) -> tuple[str, list[Path]]:
     """('safetensors' | 'bin', files) of a saved model folder; safetensors preferred as in transformers."""
     p = Path(folder)
     st = sorted(f for f in p.glob("*.safetensors") if not f.name.startswith("adapter_"))
+    bins = sorted(p.glob("pytorch_model*.bin"))
+    for f in st or bins:  # only regular files are opened (a folder raises, a FIFO would block)
+        if not f.is_file():
+            from .paths import describe_kind
+
+            raise UserError(f"{f} is {describe_kind(f)}, not a weights file; pass the folder written by save_pretrained")
     if st:
         return "safetensors", st
-    bins = sorted(p.glob("pytorch_model*.bin"))
     if bins:
         return "bin", bins
     if any(p.glob("adapter_model.*")):
@@ -227,8 +232,10 @@ class SafetensorsReader:
                 dtype = _ST_DTYPES[info["dtype"]]
                 shape = tuple(int(x) for x in info["shape"])
                 begin, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):
                 raise _bad_file(self.path, ValueError(f"bad header entry for {name!r}")) from None
+            if begin < 0 or end < begin or any(d < 0 for d in shape):  # negative offsets would read before the data
+                raise _bad_file(self.path, ValueError(f"negative offset or size in the header entry for {name!r}"))
             tdtype = _TORCH_DTYPES.get(dtype)
             if tdtype is None:
                 raise _bad_file(self.path, ValueError(f"unsupported dtype {info['dtype']} for {name!r}"))

@@ -181,7 +181,7 @@ class Batch:
         """Adapter from what a collator returns (dict/BatchEncoding of tensors or lists)."""
         if not hasattr(batch, "keys"):
             raise UserError(f"the batch is a {type(batch).__name__}, not a dict; save the dict your collator returns")
-        if "input_ids" not in batch:
+        if "input_ids" not in batch or batch.get("input_ids") is None:
             keys = ", ".join(sorted(map(str, batch.keys()))) or "none"
             raise UserError(f"the batch has no 'input_ids' (keys: {keys}); save the dict your collator returns")
 
@@ -189,8 +189,7 @@ class Batch:
             v = batch.get(name)
             if v is None:
                 return None
-            t = v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
-            t = t.detach().cpu()
+            t = _as_tensor(name, v)
             if t.dim() == 1:
                 t = t.unsqueeze(0)
             if t.dim() != 2:
@@ -199,6 +198,8 @@ class Batch:
 
         input_ids = tensor("input_ids").long()
         B, T = input_ids.shape
+        if B == 0 or T == 0:
+            raise UserError(f"batch field 'input_ids' is empty (shape {(B, T)}); save a batch with at least one token")
         out = {}
         for name in ("attention_mask", "labels", "position_ids", "loss_mask"):
             t = tensor(name)
@@ -224,6 +225,31 @@ class Batch:
             labels_source=source,
             extra_keys=tuple(k for k in batch.keys() if k not in {"input_ids", "attention_mask", "labels", "position_ids", "loss_mask"}),
         )
+
+
+# token ids, targets and positions are integers; masks may be 0/1 floats or bools
+_INTEGER_FIELDS = ("input_ids", "labels", "position_ids")
+
+
+def _as_tensor(name: str, v: Any) -> torch.Tensor:
+    """A batch field as a CPU tensor, or one UserError that says what is wrong with it."""
+    if isinstance(v, torch.Tensor):
+        t = v.detach().cpu()
+    else:
+        try:
+            t = torch.as_tensor(v)
+        except (ValueError, TypeError, RuntimeError, OverflowError) as e:
+            if "expected sequence of length" in str(e):
+                raise UserError(f"batch field '{name}' has rows of different lengths; pad them to one length "
+                                "(what your collator returns) or save the collated batch") from None
+            raise UserError(f"batch field '{name}' does not hold numbers ({type(v).__name__}: {str(e)[:80]}); "
+                            "it must be a tensor or nested lists of token ids") from None
+    if t.dtype.is_complex or (name in _INTEGER_FIELDS and t.is_floating_point()):
+        raise UserError(f"batch field '{name}' holds {str(t.dtype).replace('torch.', '')} values; token ids and labels must be "
+                        f"integers (HF's loss refuses float labels): build them as torch.long, or .long() them in your collator")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise UserError(f"batch field '{name}' holds NaN or infinite values; a mask holds 0/1")
+    return t
 
 
 @dataclass

@@ -45,26 +45,33 @@ TOP_K = 10  # tokens kept in argmax histograms and top-k lists
 
 def read_questions(path: str | Path) -> list[str]:
     """Questions from a jsonl file (field `question`, or `prompt`) or a text file (one per line)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"prompts file {path} does not exist; pass a GSM8K-style .jsonl (question field) or a text file")
+    from .paths import require_regular_file
+
+    hint = "pass a GSM8K-style .jsonl (question field) or a text file"
+    p = require_regular_file(path, "prompts file", hint)  # never opens a FIFO or a device
+    raw = p.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise UserError(f"prompts file {path} is binary, not text; {hint}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"prompts file {path} is not UTF-8 text (byte {e.start}); {hint}") from None
     questions = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if p.suffix == ".jsonl":
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"{path} line {n} is not JSON; pass a .jsonl with a question field per line") from None
-                q = row.get("question") or row.get("prompt") if isinstance(row, dict) else None
-                if not isinstance(q, str):
-                    raise UserError(f"{path} line {n} has no 'question' (or 'prompt') string field")
-                questions.append(q)
-            else:
-                questions.append(line)
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path} line {n} is not JSON; pass a .jsonl with a question field per line") from None
+            q = row.get("question") or row.get("prompt") if isinstance(row, dict) else None
+            if not isinstance(q, str):
+                raise UserError(f"{path} line {n} has no 'question' (or 'prompt') string field")
+            questions.append(q)
+        else:
+            questions.append(line)
     if not questions:
         raise UserError(f"prompts file {path} holds no prompts")
     return questions

@@ -101,6 +101,9 @@ class LiveView:
 
     # ---- output ------------------------------------------------------------------------------
     def _line(self, text: str, style: str | None = None) -> None:
+        from .textsafe import terminal_safe
+
+        text = terminal_safe(text)  # finding messages quote dataset text and token strings
         if self._console is not None:
             from rich.text import Text
 

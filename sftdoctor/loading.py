@@ -2,12 +2,38 @@
 clear line when that is not possible (missing folder, no network, gated repo)."""
 from __future__ import annotations
 
+import contextvars
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import UserError
+
+# Invariant: nothing sftdoctor loads runs a model folder's own Python (transformers' auto_map) unless
+# the user passed --trust-remote-code; with trust_remote_code unset, transformers would instead ask
+# [y/N] on stdin, and a `y` runs that code. Every loader below passes an explicit value.
+_TRUST_REMOTE_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("sftdoctor_trust_remote_code", default=False)
+
+
+@contextmanager
+def remote_code(allowed: bool) -> Iterator[None]:
+    """Inside: loaders that are not given trust_remote_code use `allowed` (the --trust-remote-code flag)."""
+    token = _TRUST_REMOTE_CODE.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _TRUST_REMOTE_CODE.reset(token)
+
+
+def remote_code_allowed() -> bool:
+    return _TRUST_REMOTE_CODE.get()
+
+
+def _trust(kw: dict[str, Any]) -> dict[str, Any]:
+    return {**kw, "trust_remote_code": bool(kw.get("trust_remote_code", _TRUST_REMOTE_CODE.get()))}
+
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -70,6 +96,12 @@ def _check_name(what: str, name: str) -> None:
 
 def load_tokenizer(name: str, **kw: Any):
     _check_name("tokenizer", name)
+    kw = _trust(kw)
+    p = Path(name).expanduser()
+    if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        # AutoTokenizer would quietly build an empty tokenizer from config.json alone (false findings)
+        raise UserError(f"tokenizer folder {name} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                        "pass the folder tokenizer.save_pretrained wrote, or a Hub id")
     from transformers import AutoTokenizer
 
     try:
@@ -80,6 +112,7 @@ def load_tokenizer(name: str, **kw: Any):
 
 def load_config(name: str, **kw: Any):
     _check_name("model", name)
+    kw = _trust(kw)
     p = Path(name).expanduser()
     if p.is_dir() and not (p / "config.json").is_file():
         raise UserError(f"model folder {name} has no config.json; pass the folder of a saved model (save_pretrained)")
@@ -97,7 +130,12 @@ def has_weights(folder: str | os.PathLike) -> bool:
 
 
 def load_model(name: str, **kw: Any):
-    load_config(name, **({"trust_remote_code": kw["trust_remote_code"]} if "trust_remote_code" in kw else {}))  # clear errors first
+    kw = _trust(kw)
+    load_config(name, trust_remote_code=kw["trust_remote_code"])  # clear errors first
+    from .checkpoint import weight_files
+
+    if Path(name).expanduser().is_dir():
+        weight_files(Path(name).expanduser())  # a model.safetensors that is a folder, a LoRA adapter only: one line
     from transformers import AutoModelForCausalLM
 
     p = Path(name).expanduser()
@@ -138,6 +176,7 @@ def load_checkpoint_tokenizer(folder: str | os.PathLike, *, shown_as: str | None
     (AutoTokenizer would quietly build an empty tokenizer from config.json alone)."""
     p = Path(folder)
     shown = shown_as or str(folder)
+    kw = _trust(kw)
     if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES):
         raise UserError(f"{shown} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save the tokenizer "
                         "beside the model (tokenizer.save_pretrained) or pass --tokenizer DIR_OR_ID")

@@ -118,13 +118,14 @@ class Report:
         write_atomic(path, self.to_json() + "\n")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Report":
-        if d.get("schema") != SCHEMA:
-            raise UserError(f"not an sftdoctor report (schema {d.get('schema')!r}, expected {SCHEMA!r})")
+    def from_dict(cls, d: Any, *, source: str = "the report") -> "Report":
+        """A Report from its JSON form. Every field is type-checked first (validate_report), so a
+        damaged or hand-edited file is one clear UserError, never a traceback in a renderer."""
+        validate_report(d, source)
         return cls(
             command=d.get("command", "?"),
-            findings=[Finding.from_dict(f) for f in d.get("findings", [])],
-            checks=[CheckResult.from_dict(c) for c in d.get("checks", [])],
+            findings=[Finding.from_dict(f) for f in d.get("findings") or []],
+            checks=[CheckResult.from_dict(c) for c in d.get("checks") or []],
             metrics=d.get("metrics") or {},
             environment=d.get("environment") or {},
             samples=d.get("samples") or [],
@@ -134,16 +135,152 @@ class Report:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Report":
+        from .paths import require_regular_file
+
+        hint = "pass a report written by --json"
+        p = require_regular_file(path, "report file", hint)  # a FIFO would block the read
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(p, encoding="utf-8") as f:
                 data = json.load(f)
-        except FileNotFoundError:
-            raise UserError(f"report file {path} does not exist") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is not valid JSON ({e}); pass a report written by --json") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path} is not an sftdoctor report; pass a report written by --json")
-        return cls.from_dict(data)
+            raise UserError(f"{path} is not valid JSON ({e}); {hint}") from None
+        except RecursionError:
+            raise UserError(f"{path} nests JSON arrays/objects too deeply to be a report; {hint}") from None
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {os.strerror(e.errno) if e.errno else e}") from None
+        return cls.from_dict(data, source=str(path))
+
+
+# ---- validation of a report read from JSON ----------------------------------------------------------
+
+MAX_DEPTH = 64  # deeper JSON is no report of ours, and recursive renderers must not hit the recursion limit
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _type_name(v: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(v), type(v).__name__)
+
+
+def _need(ok: bool, where: str, expected: str, value: Any) -> None:
+    if not ok:
+        shown = repr(value) if isinstance(value, (str, int, float, bool)) and len(repr(value)) < 40 else _type_name(value)
+        raise _Invalid(f"{where} is {shown}, expected {expected}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _depth(v: Any, limit: int) -> int:
+    """Nesting depth of JSON data, iteratively (never recursion on hostile input)."""
+    todo, deepest = [(v, 1)], 0
+    while todo:
+        x, d = todo.pop()
+        if isinstance(x, (dict, list)):
+            deepest = max(deepest, d)
+            if deepest > limit:
+                return deepest
+            todo.extend((y, d + 1) for y in (x.values() if isinstance(x, dict) else x))
+    return deepest
+
+
+def _check_sample(row: Any, where: str) -> None:
+    _need(isinstance(row, dict), where, "an object", row)
+    ids = row.get("ids")
+    _need(isinstance(ids, list) and all(_is_int(i) for i in ids), f"{where}.ids", "an array of token ids", ids)
+    n = len(ids)
+    for key, ok, expected in (("texts", lambda x: isinstance(x, str), "strings"),
+                              ("classes", lambda x: _is_int(x) and 0 <= x < 5, "token classes 0-4"),
+                              ("labels", _is_int, "integers"), ("attention", _is_int, "integers")):
+        v = row.get(key)
+        if v is None and key != "texts" and key != "classes":
+            continue
+        _need(isinstance(v, list) and len(v) == n and all(ok(x) for x in v), f"{where}.{key}",
+              f"an array of {n} {expected}", v)
+    for key in ("row", "length"):
+        if key in row:
+            _need(_is_int(row[key]), f"{where}.{key}", "an integer", row[key])
+
+
+def _array_of_objects(v: Any, where: str) -> None:
+    _need(isinstance(v, list) and all(isinstance(x, dict) for x in v), where, "an array of objects", v)
+
+
+def _check_rendered_shapes(run: dict, metrics: dict) -> None:
+    """The shapes of the run/metrics entries that renderers index into (reports/console.py, html.py)."""
+    if "internal_errors" in run:
+        _need(isinstance(run["internal_errors"], list), "run.internal_errors", "an array", run["internal_errors"])
+    logits = metrics.get("logits")
+    if logits is not None:
+        _need(isinstance(logits, dict) and all(isinstance(r, dict) for r in logits.values()), "metrics.logits",
+              "an object of objects", logits)
+        for dtype, row in logits.items():
+            if row.get("argmax_top") is not None:
+                _array_of_objects(row["argmax_top"], f"metrics.logits.{dtype}.argmax_top")
+    for key in ("generations", "argmax_histogram", "activations", "steps"):
+        if metrics.get(key) is not None:
+            _array_of_objects(metrics[key], f"metrics.{key}")
+
+
+def validate_report(d: Any, source: str = "the report") -> None:
+    """Raise one UserError naming the first field of `d` that a report cannot hold."""
+    if not isinstance(d, dict):
+        raise UserError(f"{source} is not an sftdoctor report (its JSON is {_type_name(d)}, not an object); pass a report written by --json")
+    schema = d.get("schema")
+    if schema != SCHEMA:
+        prefix = SCHEMA.rsplit("/", 1)[0] + "/"
+        version = schema[len(prefix):] if isinstance(schema, str) and schema.startswith(prefix) else None
+        if version is not None and version.isdigit() and int(version) > int(SCHEMA.rsplit("/", 1)[1]):
+            from . import __version__
+
+            raise UserError(f"{source} is a {schema} report, written by a newer sftdoctor; this sftdoctor {__version__} "
+                            f"reads {SCHEMA}: upgrade it (pip install -U sftdoctor)")
+        raise UserError(f"{source} is not an sftdoctor report (schema {schema!r}, expected {SCHEMA!r}); pass a report written by --json")
+    try:
+        if _depth(d, MAX_DEPTH) > MAX_DEPTH:
+            raise _Invalid(f"its data is nested more than {MAX_DEPTH} levels deep")
+        _need(isinstance(d.get("command", "?"), str), "command", "a string", d.get("command"))
+        for key, kind, empty in (("findings", list, []), ("checks", list, []), ("samples", list, []), ("metrics", dict, {}),
+                                 ("environment", dict, {}), ("run", dict, {}), ("repeats", dict, {})):
+            v = d.get(key, empty)
+            _need(v is None or isinstance(v, kind), key, "an array" if kind is list else "an object", v)
+        from .findings import CHECK_STATUSES, LEVELS, SEVERITIES
+
+        for i, f in enumerate(d.get("findings") or []):
+            w = f"findings[{i}]"
+            _need(isinstance(f, dict), w, "an object", f)
+            _need(isinstance(f.get("id"), str) and f.get("id") != "", f"{w}.id", "a finding id (a string)", f.get("id"))
+            _need(f.get("severity") in SEVERITIES, f"{w}.severity", " or ".join(SEVERITIES), f.get("severity"))
+            _need(f.get("level") in LEVELS, f"{w}.level", " or ".join(LEVELS), f.get("level"))
+            for key in ("message", "fix"):
+                _need(isinstance(f.get(key, ""), str), f"{w}.{key}", "a string", f.get(key))
+            _need(f.get("evidence") is None or isinstance(f.get("evidence"), dict), f"{w}.evidence", "an object", f.get("evidence"))
+            for key in ("step", "rank"):
+                _need(f.get(key) is None or _is_int(f.get(key)), f"{w}.{key}", "an integer or null", f.get(key))
+        for i, c in enumerate(d.get("checks") or []):
+            w = f"checks[{i}]"
+            _need(isinstance(c, dict), w, "an object", c)
+            _need(isinstance(c.get("id"), str) and c.get("id") != "", f"{w}.id", "a check id (a string)", c.get("id"))
+            _need(c.get("status") in CHECK_STATUSES, f"{w}.status", " or ".join(CHECK_STATUSES), c.get("status"))
+            for key in ("reason", "level"):
+                _need(c.get(key) is None or isinstance(c.get(key), str), f"{w}.{key}", "a string or null", c.get(key))
+        for i, row in enumerate(d.get("samples") or []):
+            _check_sample(row, f"samples[{i}]")
+        for k, n in (d.get("repeats") or {}).items():
+            _need(_is_int(n), f"repeats.{k}", "an integer", n)
+        _check_rendered_shapes(d.get("run") or {}, d.get("metrics") or {})
+        tc = (d.get("metrics") or {}).get("token_classes")
+        if tc is not None:
+            _need(isinstance(tc, dict), "metrics.token_classes", "an object", tc)
+            for name, row in tc.items():
+                _need(isinstance(row, dict) and all(_is_int(row.get(k, 0)) for k in ("tokens", "supervised")),
+                      f"metrics.token_classes.{name}", "an object of integer counts", row)
+    except _Invalid as e:
+        raise UserError(f"{source} is a damaged sftdoctor report: {e}; re-create it with --json") from None
 
 
 def _json_default(o: Any) -> Any:

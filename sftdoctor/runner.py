@@ -177,7 +177,8 @@ def _execute(target: str, module: str | None, main_mod: ModuleType | None) -> Ou
             exit_code = 1
         return Outcome(status="exited", exit_code=exit_code)
     except KeyboardInterrupt as e:
-        return Outcome(status="interrupted", exit_code=130, error=error_info(e), exception=e)
+        # Ctrl-C: 130; SIGTERM/SIGHUP (sftdoctor.signals.Terminated): 128 + the signal number
+        return Outcome(status="interrupted", exit_code=getattr(e, "exit_code", 130), error=error_info(e), exception=e)
     except BaseException as e:  # the user's exception: report it, do not re-raise
         return Outcome(status="crashed", exit_code=1, error=error_info(e), exception=e)
     return Outcome(status="completed")
@@ -228,7 +229,10 @@ def user_traceback(exc: BaseException) -> traceback.TracebackException:
 
 def print_user_traceback(exc: BaseException, file=None) -> None:
     file = file or sys.stderr
-    print("".join(user_traceback(exc).format()), end="", file=file)
+    from .textsafe import terminal_safe
+
+    # the message can quote dataset text: its escape sequences must not reach the terminal
+    print(terminal_safe("".join(user_traceback(exc).format())), end="", file=file)
     file.flush()
 
 

@@ -10,6 +10,7 @@ import sys
 from importlib import import_module
 
 from ..errors import UserError
+from ..textsafe import terminal_safe
 
 VERBS = ["inspect_batch", "probes_cmd", "report_cmd", "watch", "train", "diagnose"]
 
@@ -17,7 +18,7 @@ VERBS = ["inspect_batch", "probes_cmd", "report_cmd", "watch", "train", "diagnos
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # usage errors: one line, exit 2
         self.print_usage(sys.stderr)
-        print(f"sftdoctor: error: {message}", file=sys.stderr)
+        print(f"sftdoctor: error: {terminal_safe(message)}", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -50,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         check_output_paths(args)
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"sftdoctor: error: {e}", file=sys.stderr)
+        # one line, inert: the message can quote a path or dataset text (escape sequences, newlines)
+        print(f"sftdoctor: error: {terminal_safe(e).replace(chr(10), ' ')}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sftdoctor: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C: 130; SIGTERM/SIGHUP (sftdoctor.signals): 128 + the signal
+        print(f"sftdoctor: {getattr(e, 'signal_name', 'interrupted')}", file=sys.stderr)
+        return int(getattr(e, "exit_code", 130))
 
 
 def entry() -> None:  # console script

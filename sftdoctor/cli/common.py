@@ -1,46 +1,94 @@
-"""Options and output shared by every verb: --json, --html, --ignore, and the exit code."""
+"""Options and output shared by every verb: --json, --html, --ignore, and the exit code.
+
+Output paths are checked before any work (check_output_paths): a long run must not end without
+its report, and a report must never replace a file of the user's.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
 from ..errors import UserError
-
+from ..paths import check_writable_folder, describe_kind, is_regular, is_report_file, same_file
 from ..report import Report
+
+STDOUT = "-"
+OUTPUT_FLAGS = ("json", "html")
+# argparse dests of every verb's input files: an output may never be one of them
+INPUT_ARGS = ("report_json", "batch", "script", "config", "prompts", "data")
 
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
-    g.add_argument("--json", metavar="PATH", help="write the JSON report (schema sftdoctor.report/1) here")
-    g.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here")
+    g.add_argument("--json", metavar="PATH", help="write the JSON report (schema sftdoctor.report/1) here ('-': stdout)")
+    g.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here ('-': stdout)")
     g.add_argument("--ignore", metavar="ID", action="append", default=[],
                    help="finding id to ignore (repeatable; also [tool.sftdoctor] ignore in pyproject.toml)")
     g.add_argument("--quiet", "-q", action="store_true", help="print only the verdict and findings, no token view")
 
 
+def _outputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    return [(flag, getattr(args, flag)) for flag in OUTPUT_FLAGS if getattr(args, flag, None)]
+
+
 def check_output_paths(args: argparse.Namespace) -> None:
-    """Before any work: --json/--html may replace an earlier sftdoctor report, never another file
-    of the user's (a typo like --json train.py must not cost them their script)."""
-    for flag in ("json", "html"):
-        path = getattr(args, flag, None)
-        if not path or not os.path.exists(path):
+    """Before any work. --json/--html may replace an earlier sftdoctor report (recognised by its
+    content: the JSON `schema` field, the HTML marker meta tag), never another file of the user's,
+    never an input of this command, and never each other; their folder must exist and be
+    writable. Only regular files are ever opened: a FIFO or a device would block the read."""
+    outputs = _outputs(args)
+    if len(outputs) == 2 and (outputs[0][1] == outputs[1][1] or same_file(outputs[0][1], outputs[1][1])):
+        raise UserError(f"--json and --html both name {outputs[0][1]}; give them different paths")
+    inputs = [(name, getattr(args, name)) for name in INPUT_ARGS if isinstance(getattr(args, name, None), str)]
+    for flag, path in outputs:
+        if path == STDOUT:
             continue
-        if os.path.isdir(path):
-            raise UserError(f"--{flag} {path} is a folder; give a file path such as {os.path.join(path, 'report.' + flag)}")
-        with open(path, "rb") as f:
-            head = f.read(4096)
-        if b"sftdoctor" not in head:
-            raise UserError(f"--{flag} {path} exists and is not an sftdoctor report; choose another path or remove it first")
+        for name, value in inputs:
+            if same_file(path, value):
+                raise UserError(f"--{flag} {path} is also this command's input ({name.replace('_', ' ')}); "
+                                "writing the report there would replace it: choose another path")
+        if os.path.lexists(path):
+            if os.path.isdir(path):
+                raise UserError(f"--{flag} {path} is a folder; give a file path such as {os.path.join(path, 'report.' + flag)}")
+            if not is_regular(path):
+                raise UserError(f"--{flag} {path} is {describe_kind(path)}, not a regular file; "
+                                f"write to a file, or pass --{flag} - for standard output")
+            if not is_report_file(path):
+                raise UserError(f"--{flag} {path} exists and is not an sftdoctor report; choose another path or remove it first")
+        check_writable_folder(os.path.dirname(path) or ".", f"--{flag} {path}")
+    output_dir = getattr(args, "output_dir", None)
+    if isinstance(output_dir, str) and output_dir:
+        from ..train.rundir import check_output_dir
+
+        check_output_dir(output_dir)
 
 
-def write_outputs(report: Report, args: argparse.Namespace) -> None:
-    if getattr(args, "json", None):
-        report.save(args.json)
-    if getattr(args, "html", None):
-        from sftdoctor.reports.html import write_html
+def write_outputs(report: Report, args: argparse.Namespace) -> list[tuple[str, str, OSError]]:
+    """Write --json/--html; returns the writes that failed (flag, path, error), e.g. a full disk."""
+    failed = []
+    for flag, path in _outputs(args):
+        text = report.to_json() + "\n" if flag == "json" else None
+        try:
+            if flag == "html":
+                from sftdoctor.reports.html import render_html, write_html
 
-        write_html(report, args.html)
+                if path == STDOUT:
+                    text = render_html(report)
+                else:
+                    write_html(report, path)
+                    continue
+            if path == STDOUT:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            else:
+                report.save(path)
+        except OSError as e:
+            if isinstance(e, BrokenPipeError) and path == STDOUT:
+                continue
+            failed.append((flag, path, e))
+    return failed
 
 
 def print_report(report: Report, args: argparse.Namespace) -> None:
@@ -48,18 +96,36 @@ def print_report(report: Report, args: argparse.Namespace) -> None:
 
     from sftdoctor.reports.console import render
 
-    render(report, Console(stderr=False, soft_wrap=False), tokens=not getattr(args, "quiet", False))
+    # a report written to stdout (--json -) keeps stdout for itself: the console report goes to stderr
+    to_stderr = any(path == STDOUT for _, path in _outputs(args))
+    render(report, Console(stderr=to_stderr, soft_wrap=False), tokens=not getattr(args, "quiet", False))
+
+
+def write_failure(report: Report, failed: list[tuple[str, str, OSError]]) -> UserError:
+    """After a late write failure (disk full, read-only file system): a fallback copy of the report
+    in the temporary folder, and the one line that says what happened and where the copy is."""
+    from ..atomic import write_fallback
+
+    flag, path, e = failed[0]
+    why = os.strerror(e.errno) if e.errno else str(e)
+    copy = write_fallback(report.to_json() + "\n", ".json")
+    hint = " (free some space)" if e.errno == errno.ENOSPC else ""
+    where = f"a copy of the JSON report is at {copy}" if copy else "no fallback copy could be written either"
+    return UserError(f"could not write --{flag} {path}: {why}{hint}; the report was printed above and {where}")
 
 
 def finish(report: Report, args: argparse.Namespace, *, show: bool = True) -> int:
     """Write --json/--html, print, and return the exit code (0 pass/warn, 1 fail).
 
-    Files are written before printing, so a closed stdout (`| head`) never loses the report."""
-    write_outputs(report, args)
-    if show:
+    Files are written before printing, so a closed stdout (`| head`) never loses the report. A
+    write that fails (ENOSPC, EROFS) still prints the report, then raises one line (exit 2)."""
+    failed = write_outputs(report, args)
+    if show or failed:
         try:
             print_report(report, args)
             sys.stdout.flush()
         except BrokenPipeError:
             pass
+    if failed:
+        raise write_failure(report, failed)
     return 1 if report.verdict == "fail" else 0

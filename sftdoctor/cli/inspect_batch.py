@@ -22,6 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tokenizer", metavar="DIR_OR_ID", help="tokenizer folder or Hub id (with --batch)")
     p.add_argument("--model", metavar="DIR_OR_ID", help="model folder or Hub id; a folder with only config.json is enough for batch checks")
     p.add_argument("--max-length", type=int, metavar="N", help="the max_length the rows were truncated to (for truncation checks)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the --model/--tokenizer folder's own Python code (off by default)")
     add_output_options(p)
     p.set_defaults(func=run)
 
@@ -47,16 +49,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_batch_file(path: str) -> dict:
+    """A torch.save'd batch, loaded with weights_only=True: tensors and plain containers only, so a
+    file can never run code here (never retried with weights_only=False)."""
+    import re
+
     import torch
 
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"batch file {path} does not exist; save one with torch.save(batch, '{p.name}') in your loop")
+    from ..paths import require_regular_file
+
+    p = require_regular_file(path, "batch file", f"save one with torch.save(dict(batch), '{Path(path).name}') in your loop")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot read {path} as a torch.save'd batch ({first[:160]})") from None
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours its refusal text
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found or "Unsupported global" in text or "Unsupported class" in text:
+            what = f" ({found.group(1)})" if found else ""
+            raise UserError(f"{path} holds non-tensor objects{what}; sftdoctor loads only tensors and plain containers "
+                            f"(it never runs a file's code): save the batch as a plain dict, torch.save(dict(batch), '{p.name}')") from None
+        raise UserError(f"cannot read {path} as a torch.save'd batch: it is not a torch.save file, or it is truncated; "
+                        f"save one with torch.save(dict(batch), '{p.name}')") from None
     return obj
 
 
@@ -67,9 +79,10 @@ def from_file(args: argparse.Namespace, ignore: set[str]):
     batch = load_batch_file(args.batch)
     if not args.tokenizer:
         raise UserError("--batch needs --tokenizer DIR_OR_ID (the tokenizer the batch was built with)")
-    tok = load_tokenizer(args.tokenizer)
+    trust = args.trust_remote_code  # off unless --trust-remote-code: a folder's own Python never runs by default
+    tok = load_tokenizer(args.tokenizer, trust_remote_code=trust)
     model = None
     if args.model:
-        model = load_model(args.model) if has_weights(args.model) else load_config(args.model)
+        model = load_model(args.model, trust_remote_code=trust) if has_weights(args.model) else load_config(args.model, trust_remote_code=trust)
     hints = {"max_length": args.max_length} if args.max_length else {}
     return inspect_batch(batch, tok, model, hints=hints, ignore=ignore)

@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoints, model and report of a non-empty --output-dir")
     p.add_argument("--dry-run", action="store_true", help="stop after preflight (and --fix): check the pipeline without training")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the --model folder's own Python code (off by default)")
     add_recipe_arguments(p)
     add_output_options(p)
     p.set_defaults(func=run)
@@ -42,11 +43,25 @@ def run(args: argparse.Namespace) -> int:
         from ..errors import UserError
 
         raise UserError("--resume needs --output-dir (the run to continue)")
-    report, out = run_training(recipe, fix=args.fix, resume=args.resume, overwrite=args.overwrite,
-                               ignore=ignored_ids(args.ignore), show_progress=not args.no_progress,
-                               dry_run=args.dry_run)
+    from ..signals import terminate_as_interrupt
+
+    from ..loading import remote_code
+
+    # SIGTERM/SIGHUP stop training like Ctrl-C (the report is still written); remote code only with the flag
+    with terminate_as_interrupt(), remote_code(args.trust_remote_code):
+        report, out = run_training(recipe, fix=args.fix, resume=args.resume, overwrite=args.overwrite,
+                                   ignore=ignored_ids(args.ignore), show_progress=not args.no_progress,
+                                   dry_run=args.dry_run)
     if not is_main():
         return 1 if report.verdict == "fail" else 0
     code = finish(report, args, show=True)
-    print(f"report: {out / 'report.json'}")
+    where = report.run.get("report_file") or out / "report.json"
+    if report.run.get("report_write_error"):  # a full disk or read-only folder at the end of the run
+        from ..errors import UserError
+
+        copy = f"a copy is at {where}" if report.run.get("report_file") else "no fallback copy could be written either"
+        raise UserError(f"{report.run['report_write_error']}; the report was printed above and {copy}")
+    print(f"report: {where}")
+    if report.run.get("status") == "interrupted":
+        return int(report.run.get("exit_code") or 130)
     return code

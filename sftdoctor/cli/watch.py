@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from ..live import LiveView
     from ..watch import Watcher, WatchOptions, exit_code
     from .. import distributed
+    from ..signals import terminate_as_interrupt
 
     script, script_args = args.script, list(args.script_args)
     if args.module and script:  # `-m pkg a b`: argparse took `a` for the script
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     view = LiveView(plain=True if args.plain else None, quiet=False, rank=job.rank if job else None)
     watcher = Watcher(options, view, job=job)
     if job is None:
-        local = watcher.run(script, script_args, module=args.module)
+        with terminate_as_interrupt():  # SIGTERM/SIGHUP end the script like Ctrl-C: the report is still written
+            local = watcher.run(script, script_args, module=args.module)
         finish(local, args)
         return exit_code(local)
     # SIGTERM stops the script; afterwards it is only noted, up to this process's exit (torchrun

@@ -21,8 +21,11 @@ def check_saved(folder: Path, report: Report, pipe: Pipeline, say) -> Any:
     """Returns the reloaded model (for evaluation), or None when it cannot be used."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    from ..loading import remote_code_allowed
+
+    trust = remote_code_allowed()  # --trust-remote-code, else False (never a [y/N] prompt on stdin)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=trust)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
     prompts = [r["question"] for r in pipe.eval_rows[:CHECK_PROMPTS]]
     info: dict[str, Any] = {"folder": str(folder)}
     try:

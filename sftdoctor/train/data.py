@@ -117,7 +117,7 @@ def _check_rows(rows: list, where: str) -> list[dict]:
         if not isinstance(r, dict) or not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
             keys = sorted(r) if isinstance(r, dict) else type(r).__name__
             raise UserError(f"{where}: row {i} has no string question/answer fields (found {keys}); "
-                            "each row needs {{\"question\": ..., \"answer\": \"... #### N\"}}")
+                            "each row needs {\"question\": ..., \"answer\": \"... #### N\"}")
         out.append({"id": i, "question": r["question"], "answer": r["answer"]})
     return out
 
@@ -149,6 +149,10 @@ def load_local(path: str) -> tuple[list[dict], list[dict] | None]:
             raise UserError(f"data folder {path} has no train.jsonl; pass a folder with train.jsonl (and test.jsonl) or one .jsonl file")
         test = p / "test.jsonl"
         return read_jsonl(train), read_jsonl(test) if test.is_file() else None
+    if p.exists():  # a FIFO or a device: never read (it would block)
+        from ..paths import describe_kind
+
+        raise UserError(f"data path {path} is {describe_kind(p)}, not a .jsonl file or a folder")
     raise UserError(f"data file or folder {path} does not exist")
 
 

@@ -89,9 +89,9 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_config_file(path: str) -> dict[str, Any]:
     """A flat mapping of Recipe fields from a .yaml/.yml or .toml file."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {path} does not exist")
+    from ..paths import require_regular_file
+
+    p = require_regular_file(path, "config file")  # a FIFO would block the read
     text = p.read_text(encoding="utf-8")
     try:
         if p.suffix in (".yaml", ".yml"):

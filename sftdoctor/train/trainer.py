@@ -17,6 +17,7 @@ import torch
 from ..errors import UserError
 from ..findings import Finding
 from ..report import Report
+from ..textsafe import terminal_safe
 from .collate import WithExampleIds
 from .pipeline import Pipeline, build_pipeline, stop_ids, world_size
 from .preflight import PREFLIGHT_BATCHES, apply_fixes, run_preflight
@@ -95,46 +96,15 @@ def make_trainer(pipe: Pipeline, output_dir: Path, *, on_step: Any, extra_callba
 
 # ---- the run ----------------------------------------------------------------------------------
 
-def prepare_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
-    out = Path(recipe.output_dir or time.strftime("runs/train-%Y%m%d-%H%M%S"))
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output dir {out} is a file; pass a folder with --output-dir")
-    if out.is_dir() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise UserError(f"output dir {out} is not empty; pass --resume to continue that run, --overwrite to replace it, or another --output-dir")
-        if is_main():
-            import shutil
+def prepare_output_dir(recipe: Recipe, resume: bool, overwrite: bool, *, dry_run: bool = False, say=print) -> tuple[Path, str]:
+    """(the output folder, the report file name in it). Deletes only what train wrote (rundir)."""
+    from .rundir import prepare
 
-            for child in ("checkpoints", "final", STEPS_FILE, REPORT_FILE):
-                p = out / child
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+    out = Path(recipe.output_dir or time.strftime("runs/train-%Y%m%d-%H%M%S"))
+    report_name = prepare(out, resume=resume, overwrite=overwrite, dry_run=dry_run, main=is_main(), say=say)
     if world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    return out
-
-
-def last_checkpoint(out: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    ck = out / "checkpoints"
-    found = get_last_checkpoint(str(ck)) if ck.is_dir() else None
-    return Path(found) if found else None
-
-
-def trim_steps_log(out: Path, keep_through: int) -> int:
-    """On resume, steps after the checkpoint were not kept: drop their lines (they are redone)."""
-    path = out / STEPS_FILE
-    if not path.is_file():
-        return 0
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= keep_through]
-    from ..atomic import write_atomic
-
-    write_atomic(path, "".join(ln + "\n" for ln in kept))
-    return len(lines) - len(kept)
+    return out, report_name
 
 
 def set_threads(recipe: Recipe) -> int:
@@ -171,10 +141,10 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
     main = is_main()
     quiet_libraries()
     err = console()
-    say = say or ((lambda text: err.print(text, highlight=False, markup=False)) if main else (lambda text: None))
+    say = say or ((lambda text: err.print(terminal_safe(text), highlight=False, markup=False)) if main else (lambda text: None))
     threads = set_threads(recipe)
     torch.manual_seed(recipe.seed)
-    out = prepare_output_dir(recipe, resume, overwrite)
+    out, report_name = prepare_output_dir(recipe, resume, overwrite, dry_run=dry_run, say=say)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=err, transient=True) if (main and show_progress and err.is_terminal) else None
 
@@ -200,7 +170,7 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
     if pre.verdict == "fail":
         report.run = {"status": "refused", "stage": "preflight", "exit_code": 1,
                       "message": "preflight found failures; nothing was trained" + ("" if fix else " (--fix repairs what it can)")}
-        _write_report(report, out)
+        _write_report(report, out, report_name)
         return report, out
     report.metrics["data"] = {"source": pipe.source, "train_rows": len(pipe.train_examples), "eval_rows": len(pipe.eval_rows),
                               **pipe.length_stats, "notes": pipe.notes}
@@ -208,7 +178,7 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
     if dry_run:
         report.run = {"status": "dry-run", "stage": "preflight", "exit_code": 1 if report.verdict == "fail" else 0,
                       "message": "preflight passed; --dry-run stops before training"}
-        _write_report(report, out)
+        _write_report(report, out, report_name)
         return report, out
 
     # ---- training -------------------------------------------------------------------------
@@ -218,19 +188,32 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
     doctor = attach_probes(trainer, pipe.tokenizer, report, ignore)
     resume_from = None
     if resume:
-        resume_from = last_checkpoint(out)
+        from .rundir import checkpoint_step, newest_complete_checkpoint, trim_steps_log
+
+        resume_from, skipped = newest_complete_checkpoint(out)
+        for name, why in skipped:  # a kill or a full disk during its save
+            say(f"resume: skipped {name}: {why}")
         if resume_from is None:
-            say(f"resume: no checkpoint in {out / 'checkpoints'}; starting from the beginning")
+            say(f"resume: no complete checkpoint in {out / 'checkpoints'}; starting from the beginning")
         else:
-            step = json.loads((resume_from / "trainer_state.json").read_text())["global_step"]
-            dropped = trim_steps_log(out, step) if main else 0
-            say(f"resume: from {resume_from.name} (step {step}); {dropped} logged steps after it are redone")
+            step = checkpoint_step(resume_from)
+            dropped, torn = trim_steps_log(out, step) if main else (0, 0)
+            say(f"resume: from {resume_from.name} (step {step}); {dropped} logged steps after it are redone"
+                + (f"; {torn} torn line(s) of {STEPS_FILE} dropped" if torn else ""))
             report.run["resumed_from"] = str(resume_from)
     if main and resume_from is None and (out / STEPS_FILE).exists():
         (out / STEPS_FILE).unlink()
     started = time.time()
     with (progress if progress is not None else _Null()):
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (cli.signals): the report is still written
+            report.run = {**report.run, "status": "interrupted", "stage": "training", "exit_code": getattr(e, "exit_code", 130),
+                          "message": f"{getattr(e, 'signal_name', 'SIGINT')} at step {trainer.state.global_step}; "
+                                     "pass --resume to continue from the last checkpoint"}
+            report.metrics["steps"] = [{k: rec.get(k) for k in ("step", "loss", "grad_norm", "lr")} for rec in _all_steps(out, logger)]
+            _write_report(report, out)
+            return report, out
     if doctor is not None:
         try:
             report.merge(doctor.report())
@@ -308,10 +291,12 @@ def preflight_stage(pipe: Pipeline, *, fix: bool, ignore: set[str], say) -> tupl
 
 
 def _all_steps(out: Path, logger: Any) -> list[dict]:
-    """Every step of the run, also those logged before a resume (from steps.jsonl)."""
+    """Every step of the run, also those logged before a resume (from steps.jsonl; a torn line is dropped)."""
     path = out / STEPS_FILE
     if is_main() and path.is_file():
-        return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        from .rundir import read_steps
+
+        return read_steps(path)[0]
     return logger.records
 
 
@@ -344,10 +329,20 @@ def attach_probes(trainer: Any, tokenizer: Any, report: Report, ignore: set[str]
         return None
 
 
-def _write_report(report: Report, out: Path) -> None:
+def _write_report(report: Report, out: Path, name: str = REPORT_FILE) -> None:
+    """report.run["report_file"] says where it went: a full disk or a read-only folder gets a
+    fallback copy in the temporary folder (report.run["report_write_error"] says why)."""
     if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        report.save(out / REPORT_FILE)
+        report.run["report_file"] = str(out / name)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            report.save(out / name)
+        except OSError as e:
+            from ..atomic import write_fallback
+
+            report.run["report_write_error"] = f"could not write {out / name}: {os.strerror(e.errno) if e.errno else e}"
+            copy = write_fallback(report.to_json() + "\n", ".json")
+            report.run["report_file"] = str(copy) if copy else None
 
 
 def quiet_libraries() -> None:
