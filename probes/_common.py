@@ -66,8 +66,13 @@ def find_sequence(ids: torch.Tensor, pattern: list[int]) -> torch.Tensor:
     out = torch.zeros(B, T, dtype=torch.bool)
     if L == 0 or L > T:
         return out
-    windows = ids.unfold(1, L, 1)  # [B, T-L+1, L]
-    out[:, : T - L + 1] = (windows == torch.tensor(pattern, dtype=ids.dtype)).all(dim=-1)
+    n = T - L + 1
+    hit = ids[:, :n] == pattern[0]
+    for j in range(1, L):  # one compare per pattern token (L is a few tokens), no [B, T, L] window tensor
+        if not bool(hit.any()):
+            break
+        hit &= ids[:, j:j + n] == pattern[j]
+    out[:, :n] = hit
     return out
 
 

@@ -7,6 +7,7 @@ import torch
 from sftdoctor.findings import Finding
 
 from ._common import id_mask, length_limit, rows_at_limit, rows_of, supervised_mask
+from ._dataset import DatasetRule, by_rate
 
 id = "truncation-answer-lost"
 level = "batch"
@@ -15,6 +16,20 @@ needs = ("labels", "tokenizer")
 
 ANSWER_MARKER = "####"  # GSM8K's final-answer line; override with hints["answer_marker"]
 FAIL_SHARE = 0.1  # at least this share of the batch's rows lost their answer: fail, else warn
+
+
+def _limit_text(t) -> str:
+    ev = t.first.evidence if t.first is not None else {}
+    return f"at max_length {ev['max_length']:,}" if ev.get("max_length") else "(rows fill their batch width with no padding)"
+
+
+# Over a dataset: 1% of rows without the end of their answer fails (the model learns to stop
+# mid-answer on them); fewer warns (0.1% is worth fixing before a long run, not a broken recipe).
+dataset = DatasetRule(
+    count="rows_answer_lost", worst="supervised", what="lose the end of their answer to truncation",
+    severity=by_rate(0.01), detail=_limit_text,
+    worst_text=lambda e: f"row {e['row']} keeps {e['supervised']} supervised answer tokens of {e['length']} tokens",
+)
 
 
 def _supervised_texts(ctx, sup) -> list[str] | None:
