@@ -330,6 +330,7 @@ class DatasetInspector:
         report.add(findings)
         report.record_checks(checks)
         summary = self.summary()
+        summary["max_length"] = self.hints.get("max_length")
         report.metrics["dataset"] = summary
         report.metrics["token_classes"] = self.stats.class_table()
         if self.tok is not None:
