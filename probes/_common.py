@@ -17,13 +17,21 @@ MAX_LISTED = 32  # rows / positions listed in evidence; counts always cover ever
 
 
 def real_mask(ctx) -> torch.Tensor:
-    """[B, T] bool: positions that are not padding."""
-    return ctx.token_classes != int(TokenClass.PAD)
+    """[B, T] bool: positions that are not padding. Computed once per context and shared by every
+    probe: callers must never modify the returned mask in place."""
+    m = ctx.__dict__.get("_real_mask")
+    if m is None:
+        m = ctx.__dict__["_real_mask"] = ctx.token_classes != int(TokenClass.PAD)
+    return m
 
 
 def supervised_mask(ctx) -> torch.Tensor:
-    """[B, T] bool: real (non-pad) positions whose label carries loss."""
-    return (ctx.batch.labels != IGNORE_INDEX) & real_mask(ctx)
+    """[B, T] bool: real (non-pad) positions whose label carries loss (shared like real_mask:
+    never modify it in place)."""
+    m = ctx.__dict__.get("_supervised_mask")
+    if m is None:
+        m = ctx.__dict__["_supervised_mask"] = (ctx.batch.labels != IGNORE_INDEX) & real_mask(ctx)
+    return m
 
 
 def id_mask(ids: torch.Tensor, wanted: Iterable[int]) -> torch.Tensor:

@@ -49,6 +49,14 @@ def check(ctx) -> list[Finding]:
     eos_missing = ~(sup & id_mask(b.input_ids, tok.eos_ids)).any(dim=1) if tok.eos_ids else None
     marker = ctx.hints.get("answer_marker") or ANSWER_MARKER
     marker_missing = None
+    if tok.decode is not None:
+        # Fast exit (same result as below): when every row at the limit still has its EOS and its
+        # answer line, no row lost anything; decoding only those rows saves decoding the batch.
+        candidates = (at_limit & sup.any(dim=1)).nonzero().flatten().tolist()
+        ids = b.input_ids
+        if all((eos_missing is None or not bool(eos_missing[r])) and marker in tok.decode(ids[r][sup[r]].tolist())
+               for r in candidates):
+            return []
     texts = _supervised_texts(ctx, sup)
     if texts is not None and any(marker in t for t in texts):  # the data has a final-answer line
         marker_missing = torch.tensor([marker not in t for t in texts])

@@ -233,3 +233,26 @@ def test_trl_sft_trainer_script_every_row_unsupervised(tmp_path):
     assert f["evidence"]["rows_affected"] == f["evidence"]["rows_total"] == 64 and f["severity"] == "fail"
     assert code == 1 and "SFTTrainer" in report["run"]["source"]
     assert "train" not in sys.modules.get("__main__").__dict__.get("__file__", "")  # the script was unwound
+
+
+def test_vectorised_pad_mask_matches_the_row_by_row_rules():
+    import random
+
+    from sftdoctor.context import Batch, TokenizerInfo
+    from sftdoctor.tokens import _pad_mask_rows, pad_mask
+
+    rng, g = random.Random(0), torch.Generator().manual_seed(0)
+    for _ in range(600):
+        B, T = rng.randint(1, 4), rng.randint(1, 8)
+        ids = torch.randint(0, 4, (B, T), generator=g)
+        am = torch.randint(0, 2, (B, T), generator=g) if rng.random() < 0.5 else None
+        if am is None and rng.random() < 0.6:  # realistic masks: zeros at the edges
+            am = torch.ones(B, T, dtype=torch.long)
+            for b in range(B):
+                am[b, T - rng.randint(0, T):] = 0
+                if rng.random() < 0.3:
+                    am[b, :rng.randint(0, T)] = 0
+        tok = TokenizerInfo(pad_id=rng.choice([None, 0, 1]), eos_ids=frozenset(rng.choice([(), (0,), (1,), (2,)])))
+        batch = Batch(input_ids=ids, attention_mask=am)
+        for t in (tok, None):
+            assert torch.equal(pad_mask(batch, t), _pad_mask_rows(batch, t)), (ids, am, t)
