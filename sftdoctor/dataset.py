@@ -373,3 +373,45 @@ def inspect_dataset(batches: Iterable[Mapping[str, Any]], tokenizer: Any = None,
     if inspector.stats.batches == 0:
         raise UserError("no batch could be checked" + (f" ({inspector.bad_batch_reasons[0]})" if inspector.bad_batch_reasons else ""))
     return inspector.report()
+
+
+# ---- watch: the cheap batch checks on every training batch ------------------------------------------
+
+CHEAP_PROBES = ("labels-pad-not-ignored", "attention-mask-hides-tokens", "labels-eos-missing",
+                "labels-no-supervised-tokens", "token-id-out-of-range")  # vectorised, no decoding: ~1 ms a batch
+
+
+class BatchStream:
+    """What `watch` runs on every training forward it sees: the cheap batch probes on the batch
+    the model got, aggregated over the run (so a defect first seen in batch 900 is named)."""
+
+    def __init__(self, tokenizer: Any, model: Any, *, hints: Mapping[str, Any] | None = None, ignore: Iterable[str] = ()):
+        from sftdoctor.probes import BATCH
+
+        self.inspector = DatasetInspector(tokenizer, model, hints=hints, ignore=ignore, command="watch",
+                                          probes=[p for p in BATCH if p.id in CHEAP_PROBES])
+
+    def observe(self, batch: Mapping[str, Any]) -> None:
+        ids = batch.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            return
+        fields = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape == ids.shape}
+        self.inspector.add(fields)
+
+    def merge_into(self, report: Report, rank: int | None = None) -> None:
+        """Add the run's dataset-level findings: a new id is added; an id the first batch already
+        showed is replaced by its dataset-level count when later batches had it too."""
+        ins = self.inspector
+        if ins.stats.batches == 0:
+            return
+        findings, checks = ins.findings()
+        for f in findings:
+            f.rank = rank
+            old = next((x for x in report.findings if x.id == f.id), None)
+            if old is None:
+                report.add([f])
+            elif f.evidence.get("batches_affected", 0) > 1 or f.evidence.get("first_batch", {}).get("batch", 0) > 0:
+                f.rank = old.rank
+                report.findings[report.findings.index(old)] = f
+        report.record_checks(checks)
+        report.metrics["dataset"] = ins.summary()

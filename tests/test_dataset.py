@@ -256,3 +256,20 @@ def test_vectorised_pad_mask_matches_the_row_by_row_rules():
         batch = Batch(input_ids=ids, attention_mask=am)
         for t in (tok, None):
             assert torch.equal(pad_mask(batch, t), _pad_mask_rows(batch, t)), (ids, am, t)
+
+
+# ---- watch: the cheap checks on every batch ------------------------------------------------------------
+
+@pytest.mark.parametrize("healthy", [False, True])
+def test_watch_names_a_bug_in_a_later_batch(tmp_path, healthy):
+    out = tmp_path / "w.json"
+    args = ["--healthy"] if healthy else []
+    code = run_cli("watch", "--json", out, SCRIPTS / "late_bug_loop.py", *args)
+    report = json.loads(out.read_text())
+    f = by_id(report).get("labels-pad-not-ignored")
+    assert report["metrics"]["dataset"]["batches"] == 6 and not report["run"].get("internal_errors")
+    if healthy:
+        assert f is None and code == 0
+    else:
+        assert f["level"] == "dataset" and f["evidence"]["first_batch"]["batch"] == 4 and code == 1
+        assert {e["row"] for e in f["evidence"]["examples"]} <= {16, 17, 18, 19}
