@@ -44,9 +44,10 @@ def id_mask(ids: torch.Tensor, wanted: Iterable[int]) -> torch.Tensor:
 
 def first_index(mask: torch.Tensor) -> torch.Tensor:
     """[B] index of the first True per row, -1 where a row has none."""
-    T = mask.shape[1]
-    idx = torch.where(mask, torch.arange(T), torch.full_like(mask, T, dtype=torch.long)).min(dim=1).values
-    return torch.where(idx == T, torch.full_like(idx, -1), idx)
+    if mask.shape[1] == 0:
+        return torch.full((mask.shape[0],), -1, dtype=torch.long)
+    idx = mask.to(torch.uint8).argmax(dim=1)  # argmax returns the first of equal maxima
+    return torch.where(mask.any(dim=1), idx, -1)
 
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:

@@ -121,10 +121,11 @@ class RowStats:
         self.rows_with_eos += int(has_eos.sum())
         self.len_counts = _grow_add(self.len_counts, length)
         self.sup_counts = _grow_add(self.sup_counts, n_sup)
-        flat = classes.flatten().long()
-        self.class_tokens += np.bincount(flat.numpy(), minlength=len(TokenClass))[:len(TokenClass)]
-        self.class_supervised += np.bincount(flat[(b.labels != IGNORE_INDEX).flatten()].numpy() if b.labels is not None
-                                             else np.zeros(0, dtype=np.int64), minlength=len(TokenClass))[:len(TokenClass)]
+        C = len(TokenClass)
+        code = classes.long() * 2 + ((b.labels != IGNORE_INDEX).long() if b.labels is not None else 0)
+        both = np.bincount(code.flatten().numpy(), minlength=2 * C)[:2 * C].reshape(C, 2)  # one pass: class x supervised
+        self.class_tokens += both.sum(axis=1)
+        self.class_supervised += both[:, 1]
         share = 1 - n_real / max(B * T, 1)
         self.pad_share_bins[min(int(share * 20), 19)] += 1
         if share > self.pad_share_max[0]:

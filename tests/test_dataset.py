@@ -273,3 +273,51 @@ def test_watch_names_a_bug_in_a_later_batch(tmp_path, healthy):
     else:
         assert f["level"] == "dataset" and f["evidence"]["first_batch"]["batch"] == 4 and code == 1
         assert {e["row"] for e in f["evidence"]["examples"]} <= {16, 17, 18, 19}
+
+
+# ---- renderers: console summary and the HTML section, from the JSON round trip ----------------------------
+
+def test_console_and_html_from_saved_json(tmp_path, tok):
+    from rich.console import Console
+
+    from sftdoctor.report import Report
+    from sftdoctor.reports.console import render
+    from sftdoctor.reports.html import render_html
+
+    report = inspect_dataset(batches_of(tok, feats(tok, 24, empty={13})), tok)
+    path = tmp_path / "r.json"
+    report.save(path)
+    again = Report.load(path)
+    console = Console(record=True, width=120)
+    render(again, console)
+    text = console.export_text()
+    assert "24 rows checked in 6 batches" in text
+    assert "supervised tokens per row" in text and "findings by rate" in text and "worst row of labels-no-supervised-tokens" in text
+    page = render_html(again)
+    assert 'id="dataset"' in page and page.count("data:image/png;base64,") >= 2
+    assert 'href="#sample-13"' in page and "1 of 24" in page
+
+
+def test_partial_report_says_so(tok):
+    from sftdoctor.dataset import DatasetInspector
+    from sftdoctor.draw import Source, check_source
+
+    rows = feats(tok, 40)
+
+    class Interrupting(torch.utils.data.Dataset):
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            if i == 17:
+                raise KeyboardInterrupt  # what Ctrl-C raises in the middle of drawing
+            return rows[i]
+
+    inspector = DatasetInspector(tok)
+    check_source(Source("test", Interrupting(), lambda items: pad_right(tok.pad_token_id, items), 4), None, inspector,
+                 progress=False)
+    report = inspector.report()
+    assert report.run["partial"] and report.run["coverage"] == "interrupted" and report.run["rows_checked"] == 16
+    from sftdoctor.reports.dataset_view import coverage_line
+
+    assert coverage_line(report).startswith("PARTIAL: 16 of 40 rows checked")
