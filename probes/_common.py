@@ -90,7 +90,11 @@ def turn_end_ids(tok) -> set[int]:
     inside a row they end a turn, not a document."""
     if tok is None or not tok.chat_template:
         return set()
-    return {i for i in tok.eos_ids if (text := tok.token_text(i)) and text in tok.chat_template}
+    key = (tok.chat_template, tok.eos_ids)
+    cached = tok.__dict__.get("_turn_end_ids")  # decoding is slow: once per tokenizer, not per batch
+    if cached is None or cached[0] != key:
+        cached = tok.__dict__["_turn_end_ids"] = (key, {i for i in tok.eos_ids if (text := tok.token_text(i)) and text in tok.chat_template})
+    return set(cached[1])
 
 
 def chat_row_mask(ctx) -> torch.Tensor:

@@ -156,17 +156,18 @@ def classify(batch: Batch, tok: TokenizerInfo | None) -> torch.Tensor:
     """[B, T] int8 TokenClass codes."""
     ids = batch.input_ids
     pad = pad_mask(batch, tok)
-    cls = torch.full(ids.shape, int(TokenClass.PROMPT), dtype=torch.int8)
     if batch.labels is not None:
-        cls[batch.labels != IGNORE_INDEX] = int(TokenClass.RESPONSE)
+        cls = (batch.labels != IGNORE_INDEX).to(torch.int8)  # PROMPT = 0, RESPONSE = 1
+    else:
+        cls = torch.zeros(ids.shape, dtype=torch.int8)
     if tok is not None:
         if tok.special_ids:
             special = torch.isin(ids, torch.tensor(sorted(tok.special_ids)))
-            cls[special] = int(TokenClass.SPECIAL)
+            cls.masked_fill_(special, int(TokenClass.SPECIAL))
         if tok.eos_ids:
             eos = torch.isin(ids, torch.tensor(sorted(tok.eos_ids)))
-            cls[eos] = int(TokenClass.EOS)
-    cls[pad] = int(TokenClass.PAD)
+            cls.masked_fill_(eos, int(TokenClass.EOS))
+    cls.masked_fill_(pad, int(TokenClass.PAD))
     return cls
 
 
