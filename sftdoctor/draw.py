@@ -154,6 +154,8 @@ def check_source(src: Source, batches: int | None, inspector: Any, *, progress: 
         limit = all_cap
         run["cap"] = (f"the dataset has no length (an iterable or stream): --batches all stops after {all_cap:,} "
                       "batches; pass --batches N to choose")
+        if progress:  # said before a long draw starts, not only at its end
+            print(f"sftdoctor: note: {run['cap']}", file=sys.stderr)
     expected = None
     if length is not None and src.batch_size:
         expected = -(-length // src.batch_size)

@@ -170,8 +170,12 @@ def run_dataset(args: argparse.Namespace, ignore: set[str]) -> int:
     if report.run.get("coverage") == "collate-error":
         print(f"sftdoctor: error: {note}", file=sys.stderr)
         return 2
-    if report.run.get("cap"):
-        print(f"sftdoctor: note: {report.run['cap']}", file=sys.stderr)
+    if report.run.get("cap") and report.run.get("coverage") == "capped":
+        print(f"sftdoctor: note: stopped at the cap: {report.run['cap']}", file=sys.stderr)
+    bad = (report.metrics.get("dataset") or {}).get("bad_batches")
+    if bad:
+        reasons = (report.metrics["dataset"].get("bad_batch_reasons") or [""])[0]
+        print(f"sftdoctor: note: {bad} batch(es) could not be checked ({reasons})", file=sys.stderr)
     if report.run.get("coverage") == "interrupted":
         return 130
     return code
