@@ -148,6 +148,9 @@ class RowStats:
         self._hashes.append(h.numpy().copy())
         self._hash_rows.append(rows.numpy().astype(np.int64, copy=True))
         self.hashed += B
+        if len(self._hashes) >= 256:  # one array per 256 batches: 16 bytes a row, not an object per batch
+            self._hashes = [np.concatenate(self._hashes)]
+            self._hash_rows = [np.concatenate(self._hash_rows)]
 
     def duplicates(self, groups: int = 8) -> dict[str, Any]:
         if not self._hashes:
