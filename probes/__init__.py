@@ -45,6 +45,10 @@ _RUN: list[str] = [
     "loss_scale_skipped_steps",
     "loss_divergence",
 ]
+# Over a whole dataset (inspect-batch --batches): statistics no single batch shows.
+_DATASET = [
+    "rows_duplicated",
+]
 _CHECKPOINT = [
     "weights_nonfinite",
     "precision_inference_overflow",
@@ -64,7 +68,8 @@ BATCH = _load(_BATCH)
 STEP = _load(_STEP)
 RUN = _load(_RUN)
 CHECKPOINT = _load(_CHECKPOINT)
-ALL = BATCH + STEP + RUN + CHECKPOINT
+DATASET = _load(_DATASET)
+ALL = BATCH + STEP + RUN + CHECKPOINT + DATASET
 
 
 def by_level(*levels: str) -> list[Probe]:

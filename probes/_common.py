@@ -17,13 +17,21 @@ MAX_LISTED = 32  # rows / positions listed in evidence; counts always cover ever
 
 
 def real_mask(ctx) -> torch.Tensor:
-    """[B, T] bool: positions that are not padding."""
-    return ctx.token_classes != int(TokenClass.PAD)
+    """[B, T] bool: positions that are not padding. Computed once per context and shared by every
+    probe: callers must never modify the returned mask in place."""
+    m = ctx.__dict__.get("_real_mask")
+    if m is None:
+        m = ctx.__dict__["_real_mask"] = ctx.token_classes != int(TokenClass.PAD)
+    return m
 
 
 def supervised_mask(ctx) -> torch.Tensor:
-    """[B, T] bool: real (non-pad) positions whose label carries loss."""
-    return (ctx.batch.labels != IGNORE_INDEX) & real_mask(ctx)
+    """[B, T] bool: real (non-pad) positions whose label carries loss (shared like real_mask:
+    never modify it in place)."""
+    m = ctx.__dict__.get("_supervised_mask")
+    if m is None:
+        m = ctx.__dict__["_supervised_mask"] = (ctx.batch.labels != IGNORE_INDEX) & real_mask(ctx)
+    return m
 
 
 def id_mask(ids: torch.Tensor, wanted: Iterable[int]) -> torch.Tensor:
@@ -36,9 +44,10 @@ def id_mask(ids: torch.Tensor, wanted: Iterable[int]) -> torch.Tensor:
 
 def first_index(mask: torch.Tensor) -> torch.Tensor:
     """[B] index of the first True per row, -1 where a row has none."""
-    T = mask.shape[1]
-    idx = torch.where(mask, torch.arange(T), torch.full_like(mask, T, dtype=torch.long)).min(dim=1).values
-    return torch.where(idx == T, torch.full_like(idx, -1), idx)
+    if mask.shape[1] == 0:
+        return torch.full((mask.shape[0],), -1, dtype=torch.long)
+    idx = mask.to(torch.uint8).argmax(dim=1)  # argmax returns the first of equal maxima
+    return torch.where(mask.any(dim=1), idx, -1)
 
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:
@@ -66,8 +75,13 @@ def find_sequence(ids: torch.Tensor, pattern: list[int]) -> torch.Tensor:
     out = torch.zeros(B, T, dtype=torch.bool)
     if L == 0 or L > T:
         return out
-    windows = ids.unfold(1, L, 1)  # [B, T-L+1, L]
-    out[:, : T - L + 1] = (windows == torch.tensor(pattern, dtype=ids.dtype)).all(dim=-1)
+    n = T - L + 1
+    hit = ids[:, :n] == pattern[0]
+    for j in range(1, L):  # one compare per pattern token (L is a few tokens), no [B, T, L] window tensor
+        if not bool(hit.any()):
+            break
+        hit &= ids[:, j:j + n] == pattern[j]
+    out[:, :n] = hit
     return out
 
 
@@ -76,7 +90,11 @@ def turn_end_ids(tok) -> set[int]:
     inside a row they end a turn, not a document."""
     if tok is None or not tok.chat_template:
         return set()
-    return {i for i in tok.eos_ids if (text := tok.token_text(i)) and text in tok.chat_template}
+    key = (tok.chat_template, tok.eos_ids)
+    cached = tok.__dict__.get("_turn_end_ids")  # decoding is slow: once per tokenizer, not per batch
+    if cached is None or cached[0] != key:
+        cached = tok.__dict__["_turn_end_ids"] = (key, {i for i in tok.eos_ids if (text := tok.token_text(i)) and text in tok.chat_template})
+    return set(cached[1])
 
 
 def chat_row_mask(ctx) -> torch.Tensor:

@@ -5,12 +5,15 @@ from __future__ import annotations
 from sftdoctor.context import IGNORE_INDEX
 from sftdoctor.findings import Finding
 
+from ._dataset import DatasetRule
 from ._common import first_index, real_mask, rows_of
 
 id = "attention-mask-hides-tokens"
 level = "batch"
 summary = "attention_mask is 0 on real (non-pad) tokens, e.g. a loss mask passed as attention_mask"
 needs = ("attention_mask",)
+
+dataset = DatasetRule(what="have real tokens hidden by attention_mask", sum_keys=("hidden_real_tokens",))
 
 
 def check(ctx) -> list[Finding]:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from sftdoctor.findings import Finding
 
+from ._dataset import DatasetRule
 from ._common import first_index, real_mask, rows_of, token_ref
 
 id = "bos-duplicated"
 level = "batch"
 summary = "a row starts with two BOS tokens (chat template plus add_special_tokens)"
 needs = ("tokenizer",)
+
+dataset = DatasetRule(count="rows_doubled", what="start with two BOS tokens")
 
 
 def check(ctx) -> list[Finding]:

@@ -7,12 +7,17 @@ import torch
 from sftdoctor.context import IGNORE_INDEX
 from sftdoctor.findings import Finding
 
+from ._dataset import DatasetRule, by_rate
 from ._common import id_mask, last_index, length_limit, real_mask, rows_at_limit, rows_of, supervised_mask, token_ref
 
 id = "labels-eos-missing"
 level = "batch"
 summary = "a supervised response does not end with a supervised EOS / end-of-turn token"
 needs = ("labels", "tokenizer")
+# Over a dataset: 1% of answers without a supervised EOS fails (stopping is learned from every
+# row); fewer warns (a few stray rows barely move what the model learns about stopping).
+dataset = DatasetRule(count="rows_without_eos", what="have no supervised EOS after their answer", severity=by_rate(0.01),
+                      worst="-supervised")
 
 
 def check(ctx) -> list[Finding]:

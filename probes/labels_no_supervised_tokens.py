@@ -6,11 +6,24 @@ from sftdoctor.context import IGNORE_INDEX
 from sftdoctor.findings import Finding
 
 from ._common import real_mask, rows_of
+from ._dataset import DatasetRule
 
 id = "labels-no-supervised-tokens"
 level = "batch"
 summary = "rows or a whole micro-batch with zero supervised tokens (NaN or a fake 0.0 loss)"
 needs = ("labels",)
+
+
+def _severity(t) -> str:
+    # A whole micro-batch without a supervised token gives a NaN (or fake 0.0) loss: fail. Over a
+    # dataset, 5% of rows carrying no loss is a broken masking recipe: fail; fewer rows only dilute.
+    return "fail" if t.severities.get("fail") or t.share >= 0.05 else "warn"
+
+
+dataset = DatasetRule(
+    count="empty_rows", worst="-length", what="have no supervised token (every label -100): they train nothing",
+    severity=_severity, worst_text=lambda e: f"row {e['row']} has {e['length']} tokens and 0 supervised",
+)
 
 
 def check(ctx) -> list[Finding]:

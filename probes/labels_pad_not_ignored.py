@@ -8,10 +8,14 @@ from sftdoctor.context import IGNORE_INDEX
 from sftdoctor.findings import Finding
 from sftdoctor.tokens import TokenClass
 
+from ._dataset import DatasetRule
+
 id = "labels-pad-not-ignored"
 level = "batch"
 summary = "padding positions carry a real label instead of -100"
 needs = ("labels",)
+
+dataset = DatasetRule(what="supervise padding positions (label != -100 on pad)", sum_keys=("supervised_pad_positions",))
 
 
 def check(ctx) -> list[Finding]:

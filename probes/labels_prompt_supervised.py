@@ -103,7 +103,14 @@ def _prompt_region(ctx, real, first_real) -> tuple[torch.Tensor, str, str | None
     # the earliest marker occurrence per row ends its prompt (earliest: never counts answer text as prompt)
     ends = torch.full((B,), -1, dtype=torch.long)
     found_text = None
-    for text, seq in markers(ctx):
+    ids = ctx.batch.input_ids
+    found = markers(ctx)
+    firsts = sorted({seq[0] for _, seq in found})
+    # one isin over the batch: markers whose first token never occurs cannot match (most of them)
+    present = set(ids[torch.isin(ids, torch.tensor(firsts, dtype=ids.dtype))].unique().tolist()) if firsts else set()
+    for text, seq in found:
+        if seq[0] not in present:
+            continue
         start = first_index(find_sequence(ctx.batch.input_ids, seq) & real)
         hit = start >= 0
         better = hit & ((ends < 0) | (start + len(seq) < ends))

@@ -6,12 +6,15 @@ from __future__ import annotations
 from sftdoctor.findings import Finding
 from sftdoctor.tokens import TokenClass
 
+from ._dataset import DatasetRule
 from ._common import MAX_LISTED, first_index, rows_of
 
 id = "padding-side-left-train"
 level = "batch"
 summary = "left padding in training without position_ids that account for it"
 needs = ("batch",)
+
+dataset = DatasetRule(what="are left-padded without matching position_ids")
 
 
 def check(ctx) -> list[Finding]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sftdoctor.findings import Finding
 
+from ._dataset import DatasetRule
 from ._common import real_mask, token_ref
 
 id = "template-mismatch"
@@ -45,6 +46,8 @@ def _trailing_ok(extra: list[int], tok) -> bool:
             continue
         return False
     return True
+
+dataset = DatasetRule(count="rows_mismatched", what="differ from the chat template / prompt format")
 
 
 def check(ctx) -> list[Finding]:

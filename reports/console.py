@@ -59,6 +59,9 @@ def renderables(report: Report, *, tokens: bool = True, max_rows: int = 2) -> li
     table = class_table(report)
     if table is not None:
         out.append(table)
+    from .dataset_view import console as dataset_summary  # inspect-batch --batches: per-row statistics
+
+    out.extend(dataset_summary(report))
     if tokens and report.samples:
         out.append(token_view(report, max_rows=max_rows))
     if tokens:
@@ -142,7 +145,8 @@ def token_view(report: Report, max_rows: int = 2) -> Group:
     token (and not -100) shown in red brackets. Long runs of one class are collapsed."""
     parts: list[Any] = [Text("token view  ", style="bold") + legend()]
     for row in report.samples[:max_rows]:
-        parts.append(Text(f"row {row['row']} ({row.get('length', len(row['ids']))} tokens)", style="dim"))
+        parts.append(Text(f"row {row['row']} ({row.get('length', len(row['ids']))} tokens)"
+                          + (f": worst row of {row['finding']}" if row.get("finding") else ""), style="dim"))
         parts.append(row_text(row))
     return Group(*parts)
 

@@ -20,7 +20,7 @@ from typing import Any
 from sftdoctor.atomic import write_atomic
 from sftdoctor.report import Report
 
-from . import plots
+from . import dataset_view, plots
 
 TEMPLATES = Path(__file__).parent / "templates"
 IGNORE_INDEX = -100
@@ -336,7 +336,7 @@ def environment_view(report: Report) -> dict[str, Any] | None:
 
 def other_metrics(report: Report) -> list[tuple[str, dict[str, Any]]]:
     """Metrics the page has no dedicated view for, as generic tables (batch, tokenizer, model...)."""
-    special = {"token_classes", "steps", "activations", "argmax_histogram", "fp16_forecast"}
+    special = {"token_classes", "steps", "activations", "argmax_histogram", "fp16_forecast", "dataset"}
     return [(k, value_view(v)) for k, v in report.metrics.items() if k not in special and v not in (None, {}, [])]
 
 
@@ -446,6 +446,7 @@ def build_context(report: Report) -> dict[str, Any]:
         "forecast": value_view(forecast) if forecast not in (None, {}, []) else None,
         "checks": checks_view(report), "environment": environment_view(report),
         "other_metrics": other_metrics(report), "class_names": CLASS_NAMES,
+        "dataset": dataset_view.html(report),  # inspect-batch --batches (templates/dataset.html)
     }
 
 

@@ -268,6 +268,7 @@ class ProbeContext:
     step: Any = None
     run: Any = None
     checkpoint: Any = None
+    dataset: Any = None  # whole-dataset statistics (sftdoctor.dataset.RowStats.summary()) for dataset-level probes
     step_index: int = 0
     rank: int | None = None
     _classes: Any = field(default=None, repr=False)
@@ -293,4 +294,5 @@ class ProbeContext:
             "step": self.step is not None,
             "run": self.run is not None,
             "checkpoint": self.checkpoint is not None,
+            "dataset": self.dataset is not None,
         }.get(need, bool(self.hints.get(need)))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from .context import ProbeContext
 from .findings import CheckResult, Finding, worst
@@ -22,12 +22,15 @@ class Probe:
     needs: tuple[str, ...]  # context parts required, see ProbeContext.has
     check: Callable[[ProbeContext], list[Finding]]
     ids: tuple[str, ...] = ()  # finding ids this probe may emit (default: just `id`)
+    # How a batch probe's findings add up over many batches (a probes._dataset.DatasetRule; None:
+    # the default rule). Read by sftdoctor.dataset when a whole dataset is inspected.
+    dataset: Any = None
 
     @classmethod
     def from_module(cls, mod: ModuleType) -> "Probe":
         return cls(
             id=mod.id, level=mod.level, summary=mod.summary, needs=tuple(getattr(mod, "needs", ())),
-            check=mod.check, ids=tuple(getattr(mod, "ids", ())) or (mod.id,),
+            check=mod.check, ids=tuple(getattr(mod, "ids", ())) or (mod.id,), dataset=getattr(mod, "dataset", None),
         )
 
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 SEVERITIES = ("fail", "warn", "info")
-LEVELS = ("batch", "step", "run", "checkpoint")
+LEVELS = ("batch", "step", "run", "checkpoint", "dataset")  # dataset: aggregated over many batches
 CHECK_STATUSES = ("pass", "warn", "fail", "skipped")
 
 _RANK = {"fail": 3, "warn": 2, "info": 1, "pass": 0, "skipped": -1}

@@ -37,7 +37,64 @@ def _edge_run(row: torch.Tensor, value_mask: torch.Tensor, from_end: bool) -> in
 
 
 def pad_mask(batch: Batch, tok: TokenizerInfo | None) -> torch.Tensor:
-    """[B, T] bool: positions that are padding.
+    """[B, T] bool: positions that are padding (the rules of _pad_mask_rows below, computed on the
+    whole batch at once; tests/test_dataset.py checks both agree on random batches)."""
+    ids = batch.input_ids
+    am = batch.attention_mask
+    B, T = ids.shape
+    pos = torch.arange(T).unsqueeze(0)
+    out = torch.zeros(B, T, dtype=torch.bool)
+    if T == 0:
+        return out
+    pad_id = tok.pad_id if tok is not None else None
+
+    def edge_runs(mask: torch.Tensor, from_end: bool) -> torch.Tensor:
+        m = mask.flip(1) if from_end else mask
+        return m.long().cumprod(1).sum(1)  # cumprod stays 1 exactly over the leading run
+
+    def filler(from_end: bool) -> torch.Tensor:  # [B] _filler_run per row
+        n = edge_runs(am == 0, from_end)
+        if from_end:
+            ref = ids.gather(1, (T - n).clamp(max=T - 1).unsqueeze(1))
+            in_run = pos >= (T - n).unsqueeze(1)
+        else:
+            ref = ids[:, :1]
+            in_run = pos < n.unsqueeze(1)
+        same = ((ids == ref) | ~in_run).all(dim=1)
+        return torch.where((n > 0) & same, n, torch.zeros_like(n))
+
+    if pad_id is not None:
+        is_pad = ids == pad_id
+        n_tail = edge_runs(is_pad, True)
+        all_pad = n_tail == T
+        n_head = edge_runs(is_pad, False)
+        first = T - n_tail
+        if tok.pad_is_eos:  # position rule: the first EOS after the text is real
+            real_eos = torch.ones(B, dtype=torch.bool) if am is None else am.gather(1, first.clamp(max=T - 1).unsqueeze(1)).squeeze(1) != 0
+            first = first + (real_eos & (n_tail > 0)).long()
+        out |= (n_tail > 0).unsqueeze(1) & (pos >= first.unsqueeze(1))
+        tail_eff = n_tail
+        if am is not None:
+            ft = torch.where(n_tail == 0, filler(True), torch.zeros_like(n_tail))
+            out |= (ft > 0).unsqueeze(1) & (pos >= (T - ft).unsqueeze(1))
+            tail_eff = torch.where(n_tail == 0, ft, n_tail)
+        head = pos < n_head.unsqueeze(1)
+        if am is not None:
+            head &= am == 0  # a leading pad id that is attended is BOS-like
+            fh = torch.where((n_head == 0) & (tail_eff < T), filler(False), torch.zeros_like(n_head))
+            head |= pos < fh.unsqueeze(1)
+        out |= head
+        out[all_pad] = True
+    elif am is not None:
+        n_tail = filler(True)
+        n_head = torch.where(n_tail < T, filler(False), torch.zeros_like(n_tail))
+        out |= pos >= (T - n_tail).unsqueeze(1)
+        out |= pos < n_head.unsqueeze(1)
+    return out
+
+
+def _pad_mask_rows(batch: Batch, tok: TokenizerInfo | None) -> torch.Tensor:
+    """[B, T] bool: positions that are padding (reference implementation, one row at a time).
 
     - With a pad id: the trailing run of pad ids (right padding) and the leading run (left
       padding). Where pad == eos, the first id of a trailing run is the row's real EOS unless
@@ -99,17 +156,18 @@ def classify(batch: Batch, tok: TokenizerInfo | None) -> torch.Tensor:
     """[B, T] int8 TokenClass codes."""
     ids = batch.input_ids
     pad = pad_mask(batch, tok)
-    cls = torch.full(ids.shape, int(TokenClass.PROMPT), dtype=torch.int8)
     if batch.labels is not None:
-        cls[batch.labels != IGNORE_INDEX] = int(TokenClass.RESPONSE)
+        cls = (batch.labels != IGNORE_INDEX).to(torch.int8)  # PROMPT = 0, RESPONSE = 1
+    else:
+        cls = torch.zeros(ids.shape, dtype=torch.int8)
     if tok is not None:
         if tok.special_ids:
             special = torch.isin(ids, torch.tensor(sorted(tok.special_ids)))
-            cls[special] = int(TokenClass.SPECIAL)
+            cls.masked_fill_(special, int(TokenClass.SPECIAL))
         if tok.eos_ids:
             eos = torch.isin(ids, torch.tensor(sorted(tok.eos_ids)))
-            cls[eos] = int(TokenClass.EOS)
-    cls[pad] = int(TokenClass.PAD)
+            cls.masked_fill_(eos, int(TokenClass.EOS))
+    cls.masked_fill_(pad, int(TokenClass.PAD))
     return cls
 
 

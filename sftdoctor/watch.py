@@ -66,6 +66,7 @@ class Watcher:
         self._optimizer_is_ours: dict[int, bool] = {}
         self._step_hook = None
         self._trainers: list[Any] = []
+        self._batches: Any = None  # BatchStream: cheap batch checks on every training batch
 
     # ---- running -------------------------------------------------------------------------------
     def run(self, script: str | None, args: list[str], *, module: str | None = None) -> Report:
@@ -199,14 +200,29 @@ class Watcher:
         if self.options.max_steps is not None and not self._stopping:
             if self.optimizer_steps >= self.options.max_steps:
                 self._stop(f"--max-steps {self.options.max_steps} reached")
-        if self._batch_done and (id(model) in self._attached or not self.options.step_probes):
-            return
+        if not (self._batch_done and (id(model) in self._attached or not self.options.step_probes)):
+            try:
+                self._first_forward_of(model, args, kwargs, frame)
+            except StopScript:
+                raise
+            except Exception as e:  # sftdoctor's own failure must never break the user's training
+                self.report.run.setdefault("internal_errors", []).append(f"{type(e).__name__}: {e}")
+        self._every_batch(model, args, kwargs)
+
+    def _every_batch(self, model, args, kwargs) -> None:
+        """The cheap batch checks on every training batch (sftdoctor.dataset.BatchStream)."""
         try:
-            self._first_forward_of(model, args, kwargs, frame)
-        except StopScript:
-            raise
-        except Exception as e:  # sftdoctor's own failure must never break the user's training
-            self.report.run.setdefault("internal_errors", []).append(f"{type(e).__name__}: {e}")
+            if self._batches is None:
+                from .context import ModelInfo
+                from .dataset import BatchStream
+
+                hints = {"max_length": self.options.max_length} if self.options.max_length else {}
+                self._batches = BatchStream(self._tokenizer, ModelInfo.from_model(model), hints=hints, ignore=self.options.ignore)
+            from .intercept import bind_batch
+
+            self._batches.observe(bind_batch(model, args, kwargs))
+        except Exception as e:  # ours: never breaks the user's training
+            self.report.run.setdefault("internal_errors", []).append(f"every-batch checks: {type(e).__name__}: {e}")
 
     def _first_forward_of(self, model, args, kwargs, frame) -> None:
         script_globals = self._script_ns.get("globals") or running_main_globals()
@@ -390,6 +406,8 @@ class Watcher:
                 self.report.samples = part.samples
         for trainer in self._trainers:
             close_progress_bars(trainer)
+        if self._batches is not None:
+            self._batches.merge_into(self.report, self.rank)
         self.report.metrics["optimizer_steps"] = max(self.optimizer_steps, self.report.metrics.get("optimizer_steps") or 0)
         if not self._batch_done:
             self.report.run["note"] = "no training forward of a causal LM was seen"

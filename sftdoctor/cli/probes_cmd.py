@@ -4,7 +4,7 @@ from __future__ import annotations
 
 def add_parser(sub) -> None:
     p = sub.add_parser("probes", help="list every check: id, level, what it finds")
-    p.add_argument("--level", choices=["batch", "step", "run", "checkpoint"], help="only this level")
+    p.add_argument("--level", choices=["batch", "step", "run", "checkpoint", "dataset"], help="only this level")
     p.set_defaults(func=run)
 
 
