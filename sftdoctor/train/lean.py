@@ -202,3 +202,19 @@ def supports_lean(model: Any) -> str | None:
     if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
         return f"{type(model).__name__} transforms its logits (softcapping/scale) before the loss"
     return None
+
+
+def apply_fused_kernels(model: Any) -> str | None:
+    """On CUDA with Liger Kernel installed: its fused RMSNorm, SwiGLU and RoPE on this model
+    instance (the loss stays ours: fused_linear_cross_entropy off). Returns what was applied, or
+    None. Note: Liger patches RoPE at module level (modeling_<arch>.apply_rotary_pos_emb), i.e.
+    for every model of that architecture in this process."""
+    try:
+        if not torch.cuda.is_available():  # the Trainer moves the model to the GPU later
+            return None
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except Exception:
+        return None
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return "liger rms_norm, swiglu, rope"

@@ -112,6 +112,11 @@ def install_lean_loss(pipe: Pipeline):
         return existing
     lean = LeanLoss(pipe.model)
     pipe.model._sftdoctor_lean = lean
+    from .lean import apply_fused_kernels
+
+    fused = apply_fused_kernels(pipe.model)  # CUDA + Liger Kernel only
+    if fused:
+        pipe.notes.append(f"fused kernels: {fused}")
     return lean
 
 
