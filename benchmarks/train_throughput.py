@@ -119,7 +119,7 @@ def qwen_config(vocab: int, hidden: int, layers: int, heads: int, kv: int, ffn: 
                        tie_word_embeddings=True, use_cache=False, rms_norm_eps=1e-6)
 
 
-def build(config: str, rows: int, quick: bool):
+def build(config: str, rows: int, quick: bool, small: bool = False):
     """(pipeline, held-out batches, description)."""
     from sftdoctor.train.collate import Collator, PackedCollator, encode_example
     from sftdoctor.train.data import load_rows
@@ -142,7 +142,7 @@ def build(config: str, rows: int, quick: bool):
         tok = AutoTokenizer.from_pretrained(str(QWEN_TOKENIZER))
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        cfg = (qwen_config(151936, 896, 24, 14, 2, 4864) if gpu else qwen_config(151936, 64, 2, 4, 2, 256))
+        cfg = (qwen_config(151936, 896, 24, 14, 2, 4864) if gpu and not small else qwen_config(151936, 64, 2, 4, 2, 256))
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(cfg)
         model.config.pad_token_id = tok.pad_token_id
@@ -157,7 +157,7 @@ def build(config: str, rows: int, quick: bool):
         pipe = Pipeline(recipe=recipe, tokenizer=tok, model=model, train_rows=train_rows, eval_rows=eval_rows, train_examples=examples,
                         collate=Collator(tok.pad_token_id), dtype=recipe.dtype,
                         dtype_reason="benchmark", source=source)
-        desc = (f"random-init Qwen2 {'h896 L24 (Qwen2.5-0.5B architecture)' if gpu else 'h64 L2'}, Qwen2.5 vocab 151936, "
+        desc = (f"random-init Qwen2 {'h896 L24 (Qwen2.5-0.5B architecture)' if gpu and not small else 'h64 L2'}, Qwen2.5 vocab 151936, "
                 + ("GSM8K problems filled into 8 x 512 rows" if filled else "GSM8K natural-length rows, batch 8")
                 + (", bf16 autocast" if gpu else ", fp32"))
     collate = Collator(pipe.tokenizer.pad_token_id)
@@ -214,7 +214,7 @@ def run_hf(kind: str):
     return run
 
 
-def run_ours(pipe, base, out: Path, packed: bool = False):
+def run_ours(pipe, base, out: Path, packed: bool = False, kernel: str = "torch", probes: bool = True):
     from sftdoctor.report import Report
     from sftdoctor.train.collate import PackedCollator
     from sftdoctor.train.steplog import flops_per_token, step_logger_class
@@ -223,6 +223,7 @@ def run_ours(pipe, base, out: Path, packed: bool = False):
     pipe = copy.copy(pipe)
     pipe.notes = []
     pipe.model = copy.deepcopy(base)
+    pipe.recipe = pipe.recipe.replace(loss_kernel=kernel)
     if packed:  # what pipeline.py does for --packing
         pipe.recipe = pipe.recipe.replace(packing=True)
         pipe.collate = PackedCollator()
@@ -230,11 +231,12 @@ def run_ours(pipe, base, out: Path, packed: bool = False):
     logger = step_logger_class()(out / "steps.jsonl", Report(command="train"), None, flops_per_token(pipe.model), None, False)
     trainer = make_trainer(pipe, out, on_step=logger)
     trainer.args.save_strategy = "no"  # as the Trainer arms: time the training loop only
-    doctor = attach_probes(trainer, pipe.tokenizer, Report(command="train"), set())  # attached, as in `sftdoctor train`
+    doctor = attach_probes(trainer, pipe.tokenizer, Report(command="train"), set()) if probes else None  # attached, as in `sftdoctor train`
     return trainer, pipe.model, doctor
 
 
-ARMS = {"ours": run_ours, "ours-packed": lambda p, b, o: run_ours(p, b, o, packed=True), "plain": run_hf("plain"), "grouped": run_hf("grouped"), "flat": run_hf("flat"), "liger": run_hf("liger")}
+ARMS = {"ours": run_ours, "ours-packed": lambda p, b, o: run_ours(p, b, o, packed=True),
+        "ours-liger": lambda p, b, o: run_ours(p, b, o, kernel="liger"), "ours-noprobes": lambda p, b, o: run_ours(p, b, o, probes=False), "plain": run_hf("plain"), "grouped": run_hf("grouped"), "flat": run_hf("flat"), "liger": run_hf("liger")}
 
 
 def liger_installed() -> bool:
@@ -299,8 +301,8 @@ def measure(name: str, pipe, base, out: Path, supervised: int, real: int, held_b
             "peak_total_bytes": mem.peak, "heldout_loss": loss, "positions": positions}
 
 
-def run_config(config: str, rows: int, rounds: int, quick: bool, arms: list[str]) -> dict:
-    pipe, held_batches, desc = build(config, rows, quick)
+def run_config(config: str, rows: int, rounds: int, quick: bool, arms: list[str], warmup: int = 0, small: bool = False) -> dict:
+    pipe, held_batches, desc = build(config, rows, quick, small)
     if config in ("cpu-vocab", "gpu-0.5b"):  # rows filled to 512 tokens: no padding to remove
         arms = [a for a in arms if a != "ours-packed"]
     if CUDA:
@@ -313,12 +315,13 @@ def run_config(config: str, rows: int, rounds: int, quick: bool, arms: list[str]
           f"{n_params / 1e6:.1f}M params; {rounds} rounds", file=sys.stderr)
     res: dict[str, list[dict]] = {a: [] for a in arms}
     with tempfile.TemporaryDirectory() as tmp:
-        for k in range(rounds):
+        for k in range(warmup + rounds):
             order = arms[k % len(arms):] + arms[:k % len(arms)]  # rotate who goes first
             for name in order:
                 m = measure(name, pipe, base, Path(tmp) / f"{name}{k}", supervised, real, held_batches)
-                res[name].append(m)
-                print(f"  round {k} {name:8s} {m['seconds']:7.2f}s {m['supervised_tok_s']:9.0f} sup tok/s  peak +{m['peak_bytes'] / 2**20:8.0f} MiB"
+                if k >= warmup:  # warm-up rounds (CUDA: Triton/cuBLAS autotuning, allocator) are not counted
+                    res[name].append(m)
+                print(f"  round {k}{' (warm-up)' if k < warmup else ''} {name:8s} {m['seconds']:7.2f}s {m['supervised_tok_s']:9.0f} sup tok/s  peak +{m['peak_bytes'] / 2**20:8.0f} MiB"
                       f"  held-out {m['heldout_loss']:.4f}  positions {m['positions']}", file=sys.stderr)
     peak = None
     if CUDA:
@@ -354,7 +357,8 @@ def run_config(config: str, rows: int, rounds: int, quick: bool, arms: list[str]
     return table
 
 
-LABELS = {"ours": "sftdoctor train (length-grouped, lean loss, probes)", "ours-packed": "sftdoctor train --packing (padding-free, lean loss, probes)", "plain": "Trainer, DataCollatorForSeq2Seq",
+LABELS = {"ours": "sftdoctor train (length-grouped, lean loss, probes)", "ours-packed": "sftdoctor train --packing (padding-free, lean loss, probes)",
+          "ours-liger": "sftdoctor train --loss-kernel liger (Liger loss + RMSNorm/SwiGLU/RoPE kernels)", "ours-noprobes": "sftdoctor trainer without the probes attached", "plain": "Trainer, DataCollatorForSeq2Seq",
           "grouped": "Trainer, group_by_length", "flat": "Trainer, DataCollatorWithFlattening", "liger": "Trainer, use_liger_kernel"}
 
 
@@ -381,9 +385,11 @@ def main(argv=None) -> int:
     ap.add_argument("--config", action="append", choices=("cpu-tiny", "cpu-vocab", "gpu-0.5b", "gpu-0.5b-gsm8k"),
                     help="default: cpu-tiny and cpu-vocab on the CPU; gpu-0.5b and gpu-0.5b-gsm8k on CUDA")
     ap.add_argument("--rows", type=int, default=0, help="training rows of cpu-tiny (default 384; --quick 96)")
-    ap.add_argument("--vocab-steps", type=int, default=0, help="optimizer steps of the 8 x 512 rows (default 6 CPU, 40 GPU; --quick 2)")
+    ap.add_argument("--vocab-steps", type=int, default=0, help="optimizer steps of the 8 x 512 rows (default 6 CPU, 30 GPU; --quick 2)")
     ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 3; --quick 1)")
     ap.add_argument("--arms", default="", help="comma-separated subset of " + ",".join(ARMS))
+    ap.add_argument("--warmup-rounds", type=int, default=-1, help="rounds run first and not counted (default: 1 on CUDA, 0 on the CPU)")
+    ap.add_argument("--small", action="store_true", help="gpu configs with the small h64 L2 model (to try the script on the CPU)")
     ap.add_argument("--quick", action="store_true", help="small sizes, one round: for iterating")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--md", metavar="PATH")
@@ -398,17 +404,19 @@ def main(argv=None) -> int:
 
     warnings.filterwarnings("ignore")
     configs = a.config or (["gpu-0.5b", "gpu-0.5b-gsm8k"] if CUDA else ["cpu-tiny", "cpu-vocab"])
-    rounds = a.rounds or (1 if a.quick else 3)
+    rounds = a.rounds or (1 if a.quick else (2 if CUDA else 3))
     arms = [x for x in (a.arms.split(",") if a.arms else ARMS) if x]
-    if "liger" in arms and not (CUDA and liger_installed()):
-        arms.remove("liger")
+    arms = [x for x in arms if x not in ("liger", "ours-liger") or (CUDA and liger_installed())]
+    if not a.arms:
+        arms = [x for x in arms if x != "ours-noprobes"]
     tables = []
     for c in configs:
         if c == "cpu-tiny":
             rows = a.rows or (96 if a.quick else 384)
         else:
-            rows = 8 * (a.vocab_steps or (2 if a.quick else (40 if CUDA else 6)))
-        tables.append(run_config(c, rows, rounds, a.quick, arms))
+            rows = 8 * (a.vocab_steps or (2 if a.quick else (30 if CUDA else 6)))
+        warmup = a.warmup_rounds if a.warmup_rounds >= 0 else (1 if CUDA else 0)
+        tables.append(run_config(c, rows, rounds, a.quick, arms, warmup, a.small))
         print(markdown(tables[-1]) + "\n", flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps(tables, indent=1) + "\n")

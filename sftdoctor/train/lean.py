@@ -88,7 +88,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def liger_available(device: torch.device) -> bool:
-    if device.type != "cuda":
+    if device.type != "cuda" or not torch.cuda.is_available():
         return False
     try:
         import liger_kernel.transformers.functional  # noqa: F401

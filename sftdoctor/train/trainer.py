@@ -107,16 +107,21 @@ def install_lean_loss(pipe: Pipeline):
         pipe.notes.append(f"lean loss off: {why_not}")
         return None
     existing = getattr(pipe.model, "_sftdoctor_lean", None)
-    if existing is not None:  # a second Trainer on the same model (benchmarks): reuse the installed forward
+    if existing is not None:  # a second Trainer on the same model: reuse the installed forward
         existing.enabled = True
         return existing
-    lean = LeanLoss(pipe.model)
-    pipe.model._sftdoctor_lean = lean
-    from .lean import apply_fused_kernels
+    from .lean import apply_fused_kernels, liger_available
 
-    fused = apply_fused_kernels(pipe.model)  # CUDA + Liger Kernel only
-    if fused:
-        pipe.notes.append(f"fused kernels: {fused}")
+    backend = "torch"
+    if pipe.recipe.loss_kernel == "liger":
+        if liger_available(torch.device("cuda")):
+            backend = "liger"
+            fused = apply_fused_kernels(pipe.model)
+            pipe.notes.append(f"loss kernel: liger fused linear cross-entropy; fused kernels: {fused}")
+        else:
+            pipe.notes.append("loss kernel: liger asked for but needs CUDA and liger-kernel installed; using the torch chunked loss")
+    lean = LeanLoss(pipe.model, backend=backend)
+    pipe.model._sftdoctor_lean = lean
     return lean
 
 
@@ -130,7 +135,7 @@ def lean_loss_info(lean: Any, mode: str, doctor: Any) -> dict[str, Any]:
         return {"mode": "off"}
     device = next(lean.model.parameters()).device
     logit_checks = sorted({i for p in STEP if {"forward_stats", "logits_grad"} & set(p.needs) for i in p.ids})
-    info: dict[str, Any] = {"mode": mode, "backend": "liger" if lean.backend == "auto" and liger_available(device) else "torch",
+    info: dict[str, Any] = {"mode": mode, "backend": "liger" if lean.backend == "liger" or (lean.backend == "auto" and liger_available(device)) else "torch",
                             "lean_steps": lean.lean_steps, "full_logits_steps": lean.full_steps}
     if mode == "always" or doctor is None:
         info["checks_off_during_training"] = logit_checks
