@@ -96,6 +96,36 @@ class Collator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+class PackedCollator:
+    """Padding-free batches: the micro-batch's rows concatenated into ONE row of sum(lengths)
+    positions, no padding at all (positions computed per epoch == real tokens).
+
+    Rows stay isolated because `position_ids` restart at 0 at each row's first token and no
+    attention_mask is sent: transformers then builds a block-diagonal causal mask from the
+    position ids (sdpa/eager) or varlen cu_seqlens (flash-attention), so no token attends to
+    another row. This needs `model.config.use_cache = False` in training (with a cache the
+    position ids are not read as packing) -- pipeline.py sets it.
+
+    Labels: the HF loss shifts by one across the whole packed row, so the last token of row k
+    would be scored against the first token of row k + 1; that first label is set to -100. In
+    the padded layout that token is never a target either (labels[0] has no predecessor), so
+    the loss and the gradients are the padded batch's exactly (tests/test_train_lean.py).
+    """
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        position_ids: list[int] = []
+        for f in features:
+            n = len(f["input_ids"])
+            input_ids += list(f["input_ids"])
+            labels += [IGNORE_INDEX] + list(f["labels"][1:])  # no target across the row boundary
+            position_ids += range(n)  # restart at 0: the row boundary the attention obeys
+        return {"input_ids": torch.tensor([input_ids], dtype=torch.long),
+                "labels": torch.tensor([labels], dtype=torch.long),
+                "position_ids": torch.tensor([position_ids], dtype=torch.long)}
+
+
 class WithExampleIds:
     """Wraps any collator so each batch also carries the row ids (popped before the forward)."""
 

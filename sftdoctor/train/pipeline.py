@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UserError
-from .collate import Collator, LengthGroupedSampler, encode_example, end_token_id, fit_length
+from .collate import Collator, LengthGroupedSampler, PackedCollator, encode_example, end_token_id, fit_length
 from .data import load_rows
 from .recipe import Recipe
 
@@ -224,6 +224,13 @@ def build_pipeline(recipe: Recipe, *, progress: Any = None, model_and_tokenizer:
         raise UserError(f"{len(examples)} training rows are fewer than one global batch ({global_batch}); lower --batch-size")
     if recipe.collator:
         collate = load_user_collator(recipe.collator)
+    elif recipe.packing:
+        collate = PackedCollator()
+        # With a KV cache transformers does not read restarting position_ids as packed rows
+        # (masking_utils: packing is detected only with no attention_mask and no cache): without
+        # this line the rows of a packed batch would attend to each other.
+        model.config.use_cache = False
+        notes.append("padding-free batches (--packing): rows concatenated, position_ids restart per row, no padding")
     else:
         collate = Collator(tokenizer.pad_token_id)
     dtype, why = resolve_dtype(recipe.dtype)

@@ -30,7 +30,10 @@ class Recipe:
     mask_prompt: bool = field(default=True, metadata={"help": "supervise only the answer (+EOS); --no-mask-prompt trains on the question too"})
     append_eos: bool = field(default=True, metadata={"help": "end each answer with the EOS / end-of-turn token so the model learns to stop"})
     collator: str | None = field(default=None, metadata={"help": "`module:function`: your own collate function (list of tokenized examples -> batch dict) instead of the built-in one"})
+    packing: bool = field(default=False, metadata={"help": "padding-free batches: each micro-batch's rows concatenated into one row, position_ids restarting per row (attention cannot cross rows); no position is spent on padding"})
     # ---- how to train ----------------------------------------------------------------------
+    loss_kernel: str = field(default="torch", metadata={"help": "the lean loss's kernel: `torch` (chunked, any device), `liger` (Liger Kernel's fused linear cross-entropy plus its RMSNorm/SwiGLU/RoPE kernels; CUDA with liger-kernel installed)"})
+    lean_loss: str = field(default="always", metadata={"help": "the lm_head + cross-entropy in chunks, never the full batch x length x vocabulary logits: `always` (the logit checks run at preflight, not during training), `sampled` (full logits on the steps the probes sample), `off` (the model's own loss)"})
     dtype: str = field(default="auto", metadata={"help": "`auto` (bf16 on a GPU that supports it, fp32 on the CPU), fp32, bf16, or fp16 (mixed precision with a loss scaler; refused on a bf16 checkpoint)"})
     learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (AdamW); 0: auto, 3e-3 for the tiny random-init model, 1e-5 for a pretrained one"})
     schedule: str = field(default="cosine", metadata={"help": "learning-rate schedule after warmup: cosine, linear or constant"})
@@ -66,6 +69,8 @@ CHOICES = {
     "overlong": ("drop", "truncate"),
     "dtype": ("auto", "fp32", "bf16", "fp16"),
     "schedule": ("cosine", "linear", "constant"),
+    "lean_loss": ("always", "sampled", "off"),
+    "loss_kernel": ("torch", "liger"),
 }
 
 

@@ -86,12 +86,65 @@ def make_trainer(pipe: Pipeline, output_dir: Path, *, on_step: Any, extra_callba
         ddp_backend="gloo" if (world_size() > 1 and not use_cuda) else None,
         average_tokens_across_devices=True,
     )
+    lean = install_lean_loss(pipe)  # before the Trainer wraps the forward (autocast)
     trainer = RecipeTrainer(model=pipe.model, args=args, train_dataset=pipe.train_examples,
                             data_collator=WithExampleIds(pipe.collate), callbacks=[on_step, *(extra_callbacks or [])])
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # steps.jsonl and the rich bar instead
     if not trainer.model_accepts_loss_kwargs:  # never true for HF causal LMs today; kept honest
         raise UserError(f"{type(pipe.model).__name__} does not accept num_items_in_batch; its loss would be averaged per micro-batch")
+    trainer.lean = lean
     return trainer
+
+
+def install_lean_loss(pipe: Pipeline):
+    """The chunked lm_head + cross-entropy (lean.py) on the model, per --lean-loss; None when off
+    or when the model cannot take it (the reason goes to the notes)."""
+    from .lean import LeanLoss, supports_lean
+
+    if pipe.recipe.lean_loss == "off":
+        return None
+    why_not = supports_lean(pipe.model)
+    if why_not:
+        pipe.notes.append(f"lean loss off: {why_not}")
+        return None
+    existing = getattr(pipe.model, "_sftdoctor_lean", None)
+    if existing is not None:  # a second Trainer on the same model: reuse the installed forward
+        existing.enabled = True
+        return existing
+    from .lean import apply_fused_kernels, liger_available
+
+    backend = "torch"
+    if pipe.recipe.loss_kernel == "liger":
+        if liger_available(torch.device("cuda")):
+            backend = "liger"
+            fused = apply_fused_kernels(pipe.model)
+            pipe.notes.append(f"loss kernel: liger fused linear cross-entropy; fused kernels: {fused}")
+        else:
+            pipe.notes.append("loss kernel: liger asked for but needs CUDA and liger-kernel installed; using the torch chunked loss")
+    lean = LeanLoss(pipe.model, backend=backend)
+    pipe.model._sftdoctor_lean = lean
+    return lean
+
+
+def lean_loss_info(lean: Any, mode: str, doctor: Any) -> dict[str, Any]:
+    """What the lean loss did and which checks it turned off during training (report.metrics)."""
+    from sftdoctor.probes import STEP
+
+    from .lean import liger_available
+
+    if lean is None:
+        return {"mode": "off"}
+    device = next(lean.model.parameters()).device
+    logit_checks = sorted({i for p in STEP if {"forward_stats", "logits_grad"} & set(p.needs) for i in p.ids})
+    info: dict[str, Any] = {"mode": mode, "backend": "liger" if lean.backend == "liger" or (lean.backend == "auto" and liger_available(device)) else "torch",
+                            "lean_steps": lean.lean_steps, "full_logits_steps": lean.full_steps}
+    if mode == "always" or doctor is None:
+        info["checks_off_during_training"] = logit_checks
+        info["why"] = ("the full logits are never materialised during training, so the checks that read the logits or their "
+                       "gradient ran at preflight on the first batches only (--lean-loss sampled runs them on the sampled steps too)")
+    else:
+        info["why"] = "the steps the probes sample compute the full logits, so every logit check runs on them"
+    return info
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -186,6 +239,9 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
     logger = StepLogger(out / STEPS_FILE, report, progress, flops_per_token(pipe.model), peak_flops(), bool(recipe.save_every))
     trainer = make_trainer(pipe, out, on_step=logger)
     doctor = attach_probes(trainer, pipe.tokenizer, report, ignore)
+    if trainer.lean is not None and recipe.lean_loss == "sampled" and doctor is not None:
+        # the probes' forward pre-hook has decided whether this step is sampled before the forward runs
+        trainer.lean.want_logits = lambda: getattr(getattr(doctor, "_pending", None), "full", False)
     resume_from = None
     if resume:
         from .rundir import checkpoint_step, newest_complete_checkpoint, trim_steps_log
@@ -214,6 +270,9 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
             report.metrics["steps"] = [{k: rec.get(k) for k in ("step", "loss", "grad_norm", "lr")} for rec in _all_steps(out, logger)]
             _write_report(report, out)
             return report, out
+        finally:
+            if trainer.lean is not None:
+                trainer.lean.enabled = False  # the model's own forward from here on (save, checks, evaluation)
     if doctor is not None:
         try:
             report.merge(doctor.report())
@@ -223,6 +282,7 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
     report.metrics["train"] = {**logger.throughput(), "steps": trainer.state.global_step, "wall_seconds": round(time.time() - started, 2),
                                # HF Trainer passes num_items_in_batch (checked in make_trainer)
                                "loss_normalisation": "sum over supervised tokens / supervised tokens of the accumulated batch, all ranks",
+                               "lean_loss": lean_loss_info(trainer.lean, recipe.lean_loss, doctor), "packing": recipe.packing,
                                "final_loss": logger.records[-1]["loss"] if logger.records else None,
                                "first_loss": logger.records[0]["loss"] if logger.records else None}
     report.metrics["steps"] = [{k: rec[k] for k in ("step", "loss", "grad_norm", "lr")} for rec in _all_steps(out, logger)]
@@ -306,6 +366,8 @@ def _configure_generation(pipe: Pipeline) -> None:
     gc = pipe.model.generation_config
     gc.eos_token_id = stops if len(stops) > 1 else stops[0]
     gc.pad_token_id = pipe.tokenizer.pad_token_id
+    if pipe.recipe.packing:
+        pipe.model.config.use_cache = True  # off only for packed training (pipeline.py); inference wants it
     pipe.model.config.eos_token_id = pipe.tokenizer.eos_token_id
 
 
