@@ -12,7 +12,8 @@ from rich.text import Text
 from sftdoctor.report import Report
 
 SEVERITY_STYLE = {"fail": "bold red", "warn": "yellow", "info": "cyan"}
-VERDICT_STYLE = {"fail": "bold white on red", "warn": "bold black on yellow", "pass": "bold white on green"}
+VERDICT_STYLE = {"fail": "bold white on red", "warn": "bold black on yellow", "pass": "bold white on green",
+                 "inconclusive": "bold white on blue"}  # inconclusive is never green: nothing says "fine"
 CLASS_NAMES = ["prompt", "response", "eos", "pad", "special"]
 CLASS_STYLE = {0: "grey50", 1: "green", 2: "bold magenta", 3: "grey35", 4: "blue"}
 # Long runs of one kind are collapsed to their edges ("[pad supervised, label 0 ×412]"): padding
@@ -53,6 +54,7 @@ def verdict_line(report: Report) -> Text:
     t = Text()
     t.append(f" {v.upper()} ", style=VERDICT_STYLE[v])
     t.append(f"  sftdoctor {report.command}: {counts['fail']} fail, {counts['warn']} warn, {counts['info']} info")
+    t.append(f"  ({report.verdict_reason})", style="dim" if v != "inconclusive" else "bold")
     return t
 
 

@@ -433,7 +433,9 @@ def build_context(report: Report) -> dict[str, Any]:
                          "repeats": report.repeats.get(f.id, 0)})
     forecast = metrics.get("fp16_forecast")
     return {
-        "report": report, "verdict": report.verdict, "counts": counts, "causes": causes,
+        "report": report, "verdict": report.verdict, "verdict_reason": report.verdict_reason, "counts": counts, "causes": causes,
+        "checks_ran": sum(1 for c in report.checks if c.status != "skipped"),
+        "checks_skipped": sum(1 for c in report.checks if c.status == "skipped"),
         "families_line": families_line(causes), "findings": findings, "run": run_view(report),
         "class_table": class_table(report), "token_rows": token_rows(report),
         "argmax": argmax_rows(report), "figures": figures, "step_summary": step_summary(steps),

@@ -388,13 +388,15 @@ def _status(found: list[Finding], finding_id: str) -> str:
 
 def exit_code(report: Report) -> int:
     """The script's exit code when the script failed (exception 1, sys.exit(n) n, Ctrl-C 130),
-    else 1 when a fail finding was found, else 0."""
+    else the verdict's code (sftdoctor.verdict: 1 fail, 3 inconclusive, 0 pass/warn)."""
     # several ranks (a merged report): the first rank whose script failed decides
     for run in [report.run, *report.run.get("ranks", [])]:
         status, code = run.get("status"), run.get("exit_code") or 0
         if status in ("crashed", "interrupted") or (status == "exited" and code != 0):
             return int(code) if isinstance(code, int) else 1
-    return 1 if report.verdict == "fail" else 0
+    from .verdict import exit_code as verdict_code
+
+    return verdict_code(report.verdict)
 
 
 def watch(script: str | None, args: list[str], *, module: str | None = None, options: WatchOptions | None = None,

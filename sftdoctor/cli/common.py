@@ -52,7 +52,8 @@ def print_report(report: Report, args: argparse.Namespace) -> None:
 
 
 def finish(report: Report, args: argparse.Namespace, *, show: bool = True) -> int:
-    """Write --json/--html, print, and return the exit code (0 pass/warn, 1 fail).
+    """Write --json/--html, print, and return the exit code (0 pass/warn, 1 fail, 3 inconclusive:
+    sftdoctor.verdict).
 
     Files are written before printing, so a closed stdout (`| head`) never loses the report."""
     write_outputs(report, args)
@@ -62,4 +63,6 @@ def finish(report: Report, args: argparse.Namespace, *, show: bool = True) -> in
             sys.stdout.flush()
         except BrokenPipeError:
             pass
-    return 1 if report.verdict == "fail" else 0
+    from ..verdict import exit_code
+
+    return exit_code(report.verdict)

@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
                                ignore=ignored_ids(args.ignore), show_progress=not args.no_progress,
                                dry_run=args.dry_run)
     if not is_main():
-        return 1 if report.verdict == "fail" else 0
+        from ..verdict import exit_code
+
+        return exit_code(report.verdict)
     code = finish(report, args, show=True)
     print(f"report: {out / 'report.json'}")
     return code
