@@ -70,3 +70,78 @@ def test_loss_divergence_quiet_at_a_sane_learning_rate():
     r = _lr_run(3e-3)
     losses = [s["loss"] for s in r.metrics["steps"]]
     assert "loss-divergence" not in r.ids() and losses[-1] < losses[0], losses
+
+
+# ---- watch: nothing checked, and generating in another format than training ---------------------------------
+
+import json  # noqa: E402
+import textwrap  # noqa: E402
+
+from conftest import TOKENIZERS  # noqa: E402
+from sftdoctor.cli import main  # noqa: E402
+
+FORMAT_SCRIPT = """
+import sys
+import torch
+from transformers import AutoTokenizer
+from sftdoctor.tiny import tiny_model
+
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+torch.manual_seed(0)
+model = tiny_model("qwen2", len(tok), hidden=32, layers=1)
+opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+q = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+prompt = tok("Question: " + q + "\\nAnswer:")["input_ids"]
+answer = tok(" 3 + 4 = 7\\n#### 7")["input_ids"] + [tok.eos_token_id]
+ids = torch.tensor([prompt + answer])
+labels = torch.tensor([[-100] * len(prompt) + answer])
+for _ in range(6):
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad()
+model.eval()
+if sys.argv[2] == "chat":
+    text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+    asked = tok(text, return_tensors="pt", add_special_tokens=False)
+else:
+    asked = tok("Question: " + q + "\\nAnswer:", return_tensors="pt")
+model.generate(**asked, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+"""
+
+
+def _watch(tmp_path, script_text, *args):
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(script_text))
+    out = tmp_path / "watch.json"
+    code = main(["watch", "-q", "--plain", "--json", str(out), str(script), *map(str, args)])
+    return code, json.loads(out.read_text())
+
+
+def test_watch_names_training_plain_and_generating_with_the_chat_template(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, r = _watch(tmp_path, FORMAT_SCRIPT, TOKENIZERS / "qwen2.5", "chat")
+    tm = [f for f in r["findings"] if f["id"] == "template-mismatch"]
+    assert tm and tm[0]["evidence"]["training_format"] == "plain text", [(f["id"], f["message"]) for f in r["findings"]]
+    assert tm[0]["evidence"]["generation_format"] == "chat template"
+    # a correct run trained for 6 steps from random init: bad output, but no FAIL
+    assert r["verdict"] != "fail" and code == 0, [(f["id"], f["severity"], f["message"]) for f in r["findings"]]
+
+
+def test_watch_same_format_in_training_and_generation_is_quiet(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, r = _watch(tmp_path, FORMAT_SCRIPT, TOKENIZERS / "qwen2.5", "plain")
+    assert "template-mismatch" not in {f["id"] for f in r["findings"]}
+    assert {c["id"]: c["status"] for c in r["checks"]}["template-mismatch"] == "pass"
+    assert r["verdict"] != "fail" and code == 0
+    for f in r["findings"]:
+        if f["id"].startswith("generation-"):
+            assert f["severity"] == "warn" and f["evidence"]["cause"] in ("undertrained", "no-defect-found"), f
+
+
+def test_watch_script_raising_before_the_first_forward_is_inconclusive(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, r = _watch(tmp_path, "raise SystemExit('no data')\n")
+    assert r["verdict"] == "inconclusive" and code != 0
+    code, r = _watch(tmp_path, "raise ValueError('no data')\n")
+    assert r["verdict"] == "inconclusive" and code == 1  # the script's own exit code comes first
