@@ -118,6 +118,7 @@ def _watch(tmp_path, script_text, *args):
     return code, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_watch_names_training_plain_and_generating_with_the_chat_template(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, r = _watch(tmp_path, FORMAT_SCRIPT, TOKENIZERS / "qwen2.5", "chat")
@@ -145,3 +146,78 @@ def test_watch_script_raising_before_the_first_forward_is_inconclusive(tmp_path,
     assert r["verdict"] == "inconclusive" and code != 0
     code, r = _watch(tmp_path, "raise ValueError('no data')\n")
     assert r["verdict"] == "inconclusive" and code == 1  # the script's own exit code comes first
+
+
+# ---- inspect-batch SCRIPT: the script's own first step ----------------------------------------------------
+
+STEP_SCRIPT = """
+import sys
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+from sftdoctor.tiny import tiny_model
+
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+mode = sys.argv[2]
+torch.manual_seed(0)
+model = tiny_model("qwen2", len(tok), hidden=32, layers=1)
+if mode == "half":
+    model = model.half()
+opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4 if mode == "half" else 1e-8)
+rows = []
+for q, a in [("What is 2 + 3?", "2 + 3 = 5\\n#### 5"), ("What is 7 - 4? Show the work please.", "7 - 4 = 3\\n#### 3")]:
+    p = tok("Question: " + q + "\\nAnswer:")["input_ids"]
+    r = tok(" " + a)["input_ids"] + [tok.eos_token_id]
+    rows.append((p + r, [-100] * len(p) + r))
+T = max(len(i) for i, _ in rows)
+ids = torch.tensor([i + [tok.pad_token_id] * (T - len(i)) for i, _ in rows])
+labels = torch.tensor([l + [-100] * (T - len(l)) for _, l in rows])
+am = (torch.arange(T)[None] < torch.tensor([[len(i)] for i, _ in rows])).long()
+for step in range(3):
+    logits = model(input_ids=ids, attention_mask=am).logits.float()
+    if mode == "noshift":  # the bug: logits[t] scored against labels[t] (no shift)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    else:
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2.5", "gpt2"])
+def test_inspect_batch_script_names_a_custom_loss_without_the_shift(tmp_path, monkeypatch, family):
+    monkeypatch.chdir(tmp_path)
+    tok_dir = TOKENIZERS / family
+    script = tmp_path / "train.py"
+    script.write_text(STEP_SCRIPT)
+    if family == "gpt2":  # gpt2 has no pad token: the script pads with eos, masked by position
+        script.write_text(STEP_SCRIPT.replace("tok = AutoTokenizer.from_pretrained(sys.argv[1])",
+                                              "tok = AutoTokenizer.from_pretrained(sys.argv[1]); tok.pad_token = tok.eos_token"))
+    out = tmp_path / "r.json"
+    code = main(["inspect-batch", "-q", "--json", str(out), str(script), str(tok_dir), "noshift"])
+    r = json.loads(out.read_text())
+    f = [x for x in r["findings"] if x["id"] == "labels-misaligned"]
+    assert f and f[0]["severity"] == "fail" and code == 1, [(x["id"], x["message"]) for x in r["findings"]]
+    assert r["run"].get("own_step") is True
+    out2 = tmp_path / "r2.json"
+    code = main(["inspect-batch", "-q", "--json", str(out2), str(script), str(tok_dir), "correct"])
+    r2 = json.loads(out2.read_text())
+    assert "labels-misaligned" not in {x["id"] for x in r2["findings"]} and code == 0, r2["findings"]
+    assert r2["run"].get("own_step") is True and r2["verdict"] in ("pass", "warn")
+
+
+@pytest.mark.slow
+def test_inspect_batch_script_names_model_half_with_adam(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    script = tmp_path / "train.py"
+    script.write_text(STEP_SCRIPT)
+    out = tmp_path / "r.json"
+    main(["inspect-batch", "-q", "--json", str(out), str(script), str(TOKENIZERS / "qwen2.5"), "half"])
+    r = json.loads(out.read_text())
+    f = [x for x in r["findings"] if x["id"] == "precision-fp16-unsafe"]
+    assert f and "pure-fp16-adam" in f[0]["evidence"]["reasons"], [(x["id"], x["message"]) for x in r["findings"]]
+    out2 = tmp_path / "r2.json"
+    main(["inspect-batch", "-q", "--json", str(out2), str(script), str(TOKENIZERS / "qwen2.5"), "correct"])
+    assert "precision-fp16-unsafe" not in {x["id"] for x in json.loads(out2.read_text())["findings"]}
