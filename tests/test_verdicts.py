@@ -221,3 +221,66 @@ def test_inspect_batch_script_names_model_half_with_adam(tmp_path, monkeypatch):
     out2 = tmp_path / "r2.json"
     main(["inspect-batch", "-q", "--json", str(out2), str(script), str(TOKENIZERS / "qwen2.5"), "correct"])
     assert "precision-fp16-unsafe" not in {x["id"] for x in json.loads(out2.read_text())["findings"]}
+
+
+# ---- batch layouts: truncation that cuts every row, pad == eos masked by id -------------------------------
+
+from conftest import FAMILIES, gsm8k_rows  # noqa: E402
+from sftdoctor.api import inspect_batch  # noqa: E402
+
+
+def _tok(family):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZERS / family)
+    tok.pad_token = tok.eos_token  # the GPT-2 / base-model habit
+    return tok
+
+
+def _batch(tok, *, cut=None, side="right", by_id=False, n=6):
+    feats = []
+    for r in gsm8k_rows("train", n):
+        p = tok("Question: " + r["question"] + "\nAnswer:")["input_ids"]
+        a = tok(" " + r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids, lab = p + a, [IGNORE] * len(p) + a
+        feats.append((ids[:cut], lab[:cut]) if cut else (ids, lab))
+    T = max(len(i) for i, _ in feats)
+    ids = torch.full((n, T), tok.pad_token_id)
+    labels = torch.full((n, T), IGNORE)
+    am = torch.zeros((n, T), dtype=torch.long)
+    for b, (i, lab) in enumerate(feats):
+        sl = slice(0, len(i)) if side == "right" else slice(T - len(i), T)
+        ids[b, sl], labels[b, sl], am[b, sl] = torch.tensor(i), torch.tensor(lab), 1
+    if by_id:  # DataCollatorForLanguageModeling's way: every pad id masked, the real EOS with it
+        labels[ids == tok.pad_token_id] = IGNORE
+    return {"input_ids": ids, "attention_mask": am, "labels": labels}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_truncation_that_cuts_every_row_to_one_length_is_named(family):
+    tok = _tok(family)
+    r = inspect_batch(_batch(tok, cut=80), tok)  # every row cut at 80 tokens: none padded, no max_length hint
+    f = r.get("truncation-answer-lost")
+    assert f is not None and f.severity == "fail" and f.evidence["rows_answer_lost"] == 6, sorted(r.ids())
+    assert "labels-eos-missing" not in r.ids()  # the cause is the cut, not a missing EOS
+    healthy = inspect_batch(_batch(tok), tok)
+    assert "truncation-answer-lost" not in healthy.ids() and healthy.verdict == "pass", sorted(healthy.ids())
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("family", ["gpt2", "qwen2.5", "llama3.2"])
+def test_pad_is_eos_masked_by_id_on_every_layout(family, side):
+    tok = _tok(family)
+    r = inspect_batch(_batch(tok, side=side, by_id=True), tok)
+    assert r.get("pad-is-eos-masked") is not None and r.verdict == "fail"
+    healthy = inspect_batch(_batch(tok, side=side), tok)  # padding masked by position: the EOS stays supervised
+    assert "pad-is-eos-masked" not in healthy.ids() and healthy.verdict != "fail"
+
+
+def test_empty_batch_is_inconclusive_not_pass():
+    tok = _tok("gpt2")
+    for empty in ({"input_ids": torch.zeros((0, 8), dtype=torch.long)},
+                  {"input_ids": torch.zeros((2, 0), dtype=torch.long), "labels": torch.zeros((2, 0), dtype=torch.long)}):
+        r = inspect_batch(empty, tok)
+        assert r.verdict == "inconclusive" and r.findings == [] and all(c.status == "skipped" for c in r.checks)
+        assert "empty batch" in r.checks[0].reason
