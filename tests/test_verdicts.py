@@ -284,3 +284,78 @@ def test_empty_batch_is_inconclusive_not_pass():
         r = inspect_batch(empty, tok)
         assert r.verdict == "inconclusive" and r.findings == [] and all(c.status == "skipped" for c in r.checks)
         assert "empty batch" in r.checks[0].reason
+
+
+# ---- diagnose: a model that learned to emit the pad token (pad == eos) ----------------------------------------
+
+def test_diagnose_names_a_model_that_emits_the_pad_token_as_degenerate(tmp_path):
+    import ckpt_fixtures as F
+    from sftdoctor.diagnose import diagnose
+
+    tok = F.make_tokenizer(pad_is_eos=True)
+    b = F.make_batch(tok, "pad_zero")
+    # a collator that fills the labels with the pad id (= eos): the model learns to emit it right away, so greedy
+    # output "stops" empty on every prompt, the pad-token symptom behind a clean-looking stop rate
+    b["labels"][b["labels"] != -100] = tok.pad_token_id
+    model = F.new_model(tok, seed=1)
+    F.train(model, b, steps=25, lr=1e-2)
+    folder = F.save(model, tok, tmp_path / "pad_emitter")
+    r = diagnose(str(folder), prompts=str(F.write_prompts(tmp_path / "p.jsonl")), max_new_tokens=12, num_prompts=4)
+    f = r.get("generation-degenerate")
+    assert f is not None and f.severity == "fail", [(x.id, x.severity, x.message) for x in r.findings]
+    assert f.evidence["family"] == "learned" and f.evidence["token_is_pad"] and f.evidence["cause"] == "pad-token-learned"
+    assert "emits" in f.message
+
+
+def test_check_generation_outputs_severity_needs_a_named_cause():
+    from sftdoctor.checkpoint import check_generation_outputs
+    from sftdoctor.context import TokenizerInfo
+
+    tok = TokenizerInfo.from_tokenizer(_tok("gpt2"))  # pad == eos == 50256
+    dots = tok.encode(".")[0] if hasattr(tok, "encode") else 13
+    prompts = [[40, 1101, 257]] * 4
+    # an undertrained model repeating '.': bad output, no defect -> warn with the evidence
+    got = {f.id: f for f in check_generation_outputs(prompts, [p + [dots] * 10 for p in prompts], tok, max_new_tokens=10,
+                                                      logits_nonfinite=False,
+                                                      training={"first_loss": 10.9, "last_loss": 6.2, "steps": 40,
+                                                                "vocab_size": 50257})}
+    f = got["generation-degenerate"]
+    assert f.severity == "warn" and f.evidence["cause"] == "undertrained" and f.evidence["started_untrained"] is True
+    assert "not broken" in f.message and "40 steps" in f.message
+    # the same outputs with non-finite logits: the cause is named, a fail
+    got = check_generation_outputs(prompts, [p + [0] * 10 for p in prompts], tok, max_new_tokens=10, logits_nonfinite=True)
+    assert got[0].id == "generation-degenerate" and got[0].severity == "fail"
+    # the model emits the pad (= eos) token at once: learned pad, a fail
+    got = check_generation_outputs(prompts, [p + [50256] for p in prompts], tok, max_new_tokens=10, logits_nonfinite=False)
+    assert got and got[0].severity == "fail" and got[0].evidence["token_is_pad"]
+    # never stops: pad == eos with nothing saying EOS was supervised -> fail (cause pad-is-eos) ...
+    running = [p + [345, 346, 347, 348, 349, 350, 351, 352] for p in prompts]
+    got = check_generation_outputs(prompts, running, tok, max_new_tokens=8, logits_nonfinite=False)
+    assert got[0].id == "generation-never-stops" and got[0].severity == "fail" and got[0].evidence["cause"] == "pad-is-eos"
+    # ... but with EOS supervised in training it is a capacity / training-length limit, a warn
+    got = check_generation_outputs(prompts, running, tok, max_new_tokens=8, logits_nonfinite=False,
+                                   training={"eos_supervised": True, "first_loss": 10.8, "last_loss": 3.0, "steps": 20})
+    assert got[0].severity == "warn" and got[0].evidence["cause"] == "undertrained" and "not a defect" in got[0].message
+
+
+def test_prediction_collapse_on_an_ordinary_token_is_info_and_on_the_pad_token_a_fail():
+    from types import SimpleNamespace
+
+    from sftdoctor.context import ModelInfo, TokenizerInfo
+    from sftdoctor.probes import prediction_collapse as pc
+
+    tok = TokenizerInfo.from_tokenizer(_tok("gpt2"))
+
+    def ctx(token, nonfinite=0.0):
+        argmax = {"positions": 200, "top_share": 1.0, "natural_share": 0.1, "top_token": token,
+                  "top_nonfinite_share": nonfinite, "histogram": [{"token_id": token, "text": tok.token_text(token), "share": 1.0}]}
+        step = SimpleNamespace(argmax=argmax, step=1, loss=10.7)
+        run = SimpleNamespace(records=[SimpleNamespace(loss=10.9)])
+        return SimpleNamespace(step=step, tokenizer=tok, model=ModelInfo(embedding_rows=50257), run=run)
+
+    early = pc.check(ctx(13))  # '.' everywhere at step 1: how every model starts
+    assert early[0].severity == "info" and early[0].evidence["cause"] == "undertrained"
+    assert early[0].evidence["started_untrained"] is True
+    assert pc.check(ctx(50256))[0].severity == "fail"  # the pad (= eos) token: padding was trained
+    assert pc.check(ctx(0))[0].severity == "fail"  # id 0
+    assert pc.check(ctx(13, nonfinite=1.0))[0].severity == "fail"  # NaN logits
