@@ -359,3 +359,22 @@ def test_prediction_collapse_on_an_ordinary_token_is_info_and_on_the_pad_token_a
     assert pc.check(ctx(50256))[0].severity == "fail"  # the pad (= eos) token: padding was trained
     assert pc.check(ctx(0))[0].severity == "fail"  # id 0
     assert pc.check(ctx(13, nonfinite=1.0))[0].severity == "fail"  # NaN logits
+
+
+def test_loss_divergence_ignores_a_spike_on_a_light_last_batch():
+    """The default `sftdoctor train` recipe's last step is an epoch's partial batch: its loss is noisy."""
+    from types import SimpleNamespace
+
+    from sftdoctor.probes import loss_divergence as ld
+    from sftdoctor.stepstats import RunHistory, StepRecord
+
+    def run(last_tokens):
+        h = RunHistory()
+        for i in range(30):
+            h.add(StepRecord(step=i, optimizer_step_index=i, full=False, loss=0.30 + 0.01 * (i % 3), grad_norm=0.3, supervised_tokens=300))
+        h.add(StepRecord(step=30, optimizer_step_index=30, full=False, loss=1.4, grad_norm=0.4, supervised_tokens=last_tokens))
+        return ld.check(SimpleNamespace(run=h))
+
+    assert run(40) == []  # 40 supervised tokens against a usual 300: not judged
+    got = run(300)
+    assert got and got[0].evidence["step"] == 30 and got[0].evidence["quantity"] == "loss"
