@@ -412,7 +412,7 @@ def activation_rows(report: Report, limit: int = 12) -> list[dict[str, str]]:
              "max_abs": "non-finite" if not r["finite"] else fmt_number(r["max_abs"]),
              "limit": fmt_number(r["limit"]) if r["limit"] else "-",
              # NaN is not an overflow (NaN weights/inputs): say which non-finite value it is
-             "ratio": (("NaN" if r["max_abs"] != r["max_abs"] else "overflow (inf)") if not r["finite"]
+             "ratio": (("NaN" if r.get("nan") else "overflow (inf)") if not r["finite"]
                        else (f"{ratio(r):.1%}" if r["limit"] else "-")),
              "bad": not r["finite"] or ratio(r) >= 0.25,
              "step": _or_dash(r["step"] if r["finite"] else r["bad_step"])}

@@ -378,3 +378,60 @@ def test_loss_divergence_ignores_a_spike_on_a_light_last_batch():
     assert run(40) == []  # 40 supervised tokens against a usual 300: not judged
     got = run(300)
     assert got and got[0].evidence["step"] == 30 and got[0].evidence["quantity"] == "loss"
+
+
+# ---- wording that misled ---------------------------------------------------------------------------------
+
+def test_console_and_html_wording():
+    from rich.console import Console
+
+    from sftdoctor.findings import CheckResult, Finding
+    from sftdoctor.report import Report
+    from sftdoctor.reports.console import render
+    from sftdoctor.reports.html import build_context, render_html
+
+    r = Report(command="watch")
+    r.record_checks([CheckResult("loss-nonfinite", "pass", level="step")])
+    r.add([Finding("precision-overflow", "fail", "step", "m", {"kind": "nan-without-overflow"}, step=1),
+           Finding("labels-prompt-supervised", "warn", "batch", "m", {"prompt_supervised_tokens": 245}),
+           Finding("precision-fp16-unsafe", "warn", "step", "m", {"reasons": ["pure-fp16-adam"]}, step=1),
+           Finding("labels-pad-not-ignored", "fail", "batch", "m", {"token_id": 0, "token_text": "<|endoftext|>"})])
+    r.metrics.update({
+        "token_classes": {"prompt": {"tokens": 0, "supervised": 0}, "response": {"tokens": 400, "supervised": 400},
+                          "eos": {"tokens": 4, "supervised": 4}},
+        "generations": [{"output": "...", "tokens": 3, "stopped": False, "dtype": None}],
+        "activations": [{"module": "model.layers.0", "max_abs": float("nan"), "dtype": "float16", "limit": 65504.0,
+                         "finite": False, "phase": "forward", "step": 1}],
+        "fp16_forecast": {"safe": True, "overflow": [], "headroom": []},
+    })
+    con = Console(record=True, width=160)
+    render(r, con)
+    text = con.export_text()
+    assert "[step 1]" in text and "step step" not in text
+    assert "greedy generations (None)" not in text and "greedy generations" in text
+    prompt_row = next(line for line in text.splitlines() if "prompt " in line and "│" in line)
+    assert "245" in prompt_row  # the class table agrees with the 245 supervised prompt tokens of the warning
+    ctx = build_context(r)
+    assert ctx["forecast"] is not None and "yes" not in str(ctx["forecast"])  # never "safe: yes" over NaN
+    assert ctx["activation_rows"][0]["ratio"] == "NaN"  # not an "overflow"
+    causes = [c["id"] for c in ctx["causes"]]
+    assert causes[0] in ("precision-fp16-unsafe", "labels-pad-not-ignored") and "precision-fp16-unsafe" in causes
+    pad_cause = next(c for c in ctx["causes"] if c["id"] == "labels-pad-not-ignored")
+    assert "`!`" not in pad_cause["what"]
+    page = render_html(r)
+    assert "NaN weights or inputs" in page
+    css = (__import__("pathlib").Path(__import__("sftdoctor.reports.html", fromlist=["x"]).TEMPLATES) / "report.css").read_text()
+    assert "table.data td { border-bottom: 1px solid var(--line); padding: 4px 10px;" in css
+
+
+def test_generation_config_eos_wording_when_unset():
+    from types import SimpleNamespace
+
+    from sftdoctor.context import TokenizerInfo
+    from sftdoctor.probes import generation_config_eos as g
+
+    tok = TokenizerInfo.from_tokenizer(_tok("gpt2"))
+    rec = SimpleNamespace(generation_config={"eos_token_id": [], "pad_token_id": None, "source": "config.json"},
+                          config={"tokenizer_eos_id": 50256}, generations=[])
+    f = g.check(SimpleNamespace(checkpoint=rec, tokenizer=tok))[0]
+    assert "is unset lacks" not in f.message and "sets no eos_token_id" in f.message and "50256" in f.message
