@@ -1,5 +1,6 @@
 """The loss or the gradient norm spikes far above its running level (median of the previous
-steps), or the loss climbs above its first value and stays there (a learning rate far too high).
+steps) and stays up the next step (or explodes, >= 10x), or the loss climbs above its first value and
+stays there (a learning rate far too high).
 Spikes: only steps not seen by an earlier pass, each against the window before it; a step with
 far fewer supervised tokens than usual (an epoch's last partial batch) is never called a spike."""
 from __future__ import annotations
@@ -16,6 +17,8 @@ summary = "loss or grad norm spikes far above its running median"
 needs = ("run",)
 WINDOW = 50
 MIN_HISTORY = 8
+EXPLODE = 10.0  # x the running median: reported at once; below it, the next step must confirm
+CONFIRM = 1.5  # ... by staying above this many times the running median
 LIGHT_SHARE = 0.5  # a step with under half the window's median supervised tokens is not judged for spikes
 FIRST_STEPS = 3  # the starting level: median loss of the first steps
 RECENT_STEPS = 5  # the current level: median loss of the last steps (all above the start)
@@ -78,7 +81,8 @@ def _rose_and_stayed(recs) -> Finding | None:
 def check(ctx) -> list[Finding]:
     run = ctx.run
     recs = run.records
-    for i in range(max(run.checked_records, MIN_HISTORY), len(recs)):
+    # the last record of the previous pass is looked at again: its successor may now confirm it
+    for i in range(max(run.checked_records - 1, MIN_HISTORY), len(recs)):
         r = recs[i]
         if _light(recs, i):
             continue
@@ -88,6 +92,12 @@ def check(ctx) -> list[Finding]:
             if med is None:
                 continue
             value = getattr(r, key)
+            if value < EXPLODE * med:
+                # a one-off bump (a hard batch; the last step of a run) is not a divergence: the next
+                # step must stay up too, unless it is an explosion
+                nxt = getattr(recs[i + 1], key) if i + 1 < len(recs) else None
+                if nxt is None or not math.isfinite(nxt) or nxt < CONFIRM * med:
+                    continue
             return [Finding(
                 id=id, severity="warn", level=level,
                 message=f"{key.replace('_', ' ')} jumped to {value:.4g} at step {r.step} ({value / med:.1f}x its running median {med:.4g})",

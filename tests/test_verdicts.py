@@ -376,7 +376,13 @@ def test_loss_divergence_ignores_a_spike_on_a_light_last_batch():
         return ld.check(SimpleNamespace(run=h))
 
     assert run(40) == []  # 40 supervised tokens against a usual 300: not judged
-    got = run(300)
+    assert run(300) == []  # a full batch, but the run's last step: a one-off bump is not a divergence
+    h = RunHistory()  # the same bump followed by a step that stays up: diverging
+    for i in range(30):
+        h.add(StepRecord(step=i, optimizer_step_index=i, full=False, loss=0.30 + 0.01 * (i % 3), supervised_tokens=300))
+    for i, v in ((30, 1.4), (31, 1.3)):
+        h.add(StepRecord(step=i, optimizer_step_index=i, full=False, loss=v, supervised_tokens=300))
+    got = ld.check(SimpleNamespace(run=h))
     assert got and got[0].evidence["step"] == 30 and got[0].evidence["quantity"] == "loss"
 
 
