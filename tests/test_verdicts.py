@@ -441,3 +441,30 @@ def test_generation_config_eos_wording_when_unset():
                           config={"tokenizer_eos_id": 50256}, generations=[])
     f = g.check(SimpleNamespace(checkpoint=rec, tokenizer=tok))[0]
     assert "is unset lacks" not in f.message and "sets no eos_token_id" in f.message and "50256" in f.message
+
+
+def test_pad_after_a_supervised_end_of_turn_is_padding_not_a_masked_eos():
+    """Qwen2.5: eos ids {<|endoftext|>, <|im_end|>}, pad <|endoftext|>; rows end with a supervised <|im_end|>
+    and the pad tail is masked (the packed_rows_correct control, 4D mask not readable)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZERS / "qwen2.5")
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    rows = []
+    for r in gsm8k_rows("train", 3):
+        p = tok("Question: " + r["question"] + "\nAnswer:")["input_ids"]
+        a = tok(" " + r["answer"])["input_ids"] + [im_end]
+        rows.append((p + a, [IGNORE] * len(p) + a))
+    T = max(len(i) for i, _ in rows) + 5
+    ids = torch.full((3, T), tok.pad_token_id)
+    labels = torch.full((3, T), IGNORE)
+    for b, (i, lab) in enumerate(rows):
+        ids[b, :len(i)], labels[b, :len(lab)] = torch.tensor(i), torch.tensor(lab)
+    r = inspect_batch({"input_ids": ids, "labels": labels}, tok)  # no attention_mask (a 4D one is not read)
+    assert "pad-is-eos-masked" not in r.ids() and r.verdict != "fail", [(f.id, f.message) for f in r.findings]
+    # the broken twin: the answer's own end token is the pad id (<|endoftext|>) and it was masked by id
+    for b, (i, lab) in enumerate(rows):
+        ids[b, len(i) - 1] = tok.pad_token_id
+        labels[b, len(i) - 1] = IGNORE
+    r = inspect_batch({"input_ids": ids, "labels": labels}, tok)
+    assert "pad-is-eos-masked" in r.ids()
