@@ -167,13 +167,18 @@ def rows_at_limit(ctx) -> torch.Tensor:
 
     With a known max_length: rows with at least that many real tokens. Without one: rows that fill
     the whole width with no padding while other rows are padded (with dynamic padding the longest
-    row also does, so this only marks candidates; callers also require a missing EOS/answer)."""
+    row also does, so this only marks candidates; callers also require a missing EOS/answer), or
+    every row when none is padded (all cut to one length)."""
     real = real_mask(ctx)
     lengths = real.sum(dim=1)
     limit = length_limit(ctx)
     if limit is not None:
         return lengths >= limit
     full = lengths == real.shape[1]
-    if bool(full.all()) or not bool(full.any()):
+    if bool(full.all()) and full.numel() >= 2:
+        # every row fills the width with no padding at all: every row was cut to the same length
+        # (natural rows of one batch are never all equally long); callers also require a lost end
+        return full
+    if not bool(full.any()):
         return torch.zeros_like(full)
     return full

@@ -24,8 +24,9 @@ def check(ctx) -> list[Finding]:
     problems = []
     if missing:
         where = gc.get("source") or "generation_config.json"
-        problems.append(f"{where} eos_token_id {sorted(gen_eos) or 'is unset'} lacks "
-                        + ", ".join(f"{i} {tok.token_text(i)!r}" for i in missing))
+        ends = ", ".join(f"{i} {tok.token_text(i)!r}" for i in missing)
+        problems.append(f"{where} sets no eos_token_id (the model's end token is {ends})" if not gen_eos
+                        else f"{where} eos_token_id {sorted(gen_eos)} lacks {ends}")
     if pad_unset:
         problems.append("no pad token is set (tokenizer or generation_config)")
     if not problems:

@@ -12,15 +12,16 @@ summary = "greedy generation repeats one token (the !!!! symptom), with its caus
 needs = ("checkpoint", "tokenizer")
 
 
-def _degenerate(rec, tok) -> list[Finding]:
+def _degenerate(rec, tok, training=None) -> list[Finding]:
     got = check_generation_outputs([g["prompt_ids"] for g in rec.generations], [g["output_ids"] for g in rec.generations],
-                                   tok, max_new_tokens=rec.max_new_tokens, logits_nonfinite=rec.logits_nonfinite)
+                                   tok, max_new_tokens=rec.max_new_tokens, logits_nonfinite=rec.logits_nonfinite,
+                                   training=training)
     return [f for f in got if f.id == id]
 
 
 def check(ctx) -> list[Finding]:
     rec, tok = ctx.checkpoint, ctx.tokenizer
-    found = _degenerate(rec, tok)
+    found = _degenerate(rec, tok, ctx.hints.get("training"))
     if not found:
         return []
     f = found[0]

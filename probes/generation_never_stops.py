@@ -1,5 +1,7 @@
-"""Greedy generation must reach an end token: a model that runs to max_new_tokens on most
-prompts never learned EOS (typically pad == eos with labels masked by token id)."""
+"""Greedy generation must reach an end token. A fail names the cause (EOS never supervised, or
+pad == eos with nothing saying EOS was supervised: labels masked by token id mask it); with EOS
+supervised in training (a model saved by `sftdoctor train` says so) or no cause found, it is a
+warn: undertrained, not broken."""
 from __future__ import annotations
 
 from sftdoctor.checkpoint import check_generation_outputs
@@ -13,8 +15,10 @@ needs = ("checkpoint", "tokenizer")
 
 def check(ctx) -> list[Finding]:
     rec, tok = ctx.checkpoint, ctx.tokenizer
+    training = ctx.hints.get("training")
     got = check_generation_outputs([g["prompt_ids"] for g in rec.generations], [g["output_ids"] for g in rec.generations],
-                                   tok, max_new_tokens=rec.max_new_tokens, logits_nonfinite=rec.logits_nonfinite)
+                                   tok, max_new_tokens=rec.max_new_tokens, logits_nonfinite=rec.logits_nonfinite,
+                                   training=training)
     found = [f for f in got if f.id == id]
     for f in found:
         f.evidence["dtype"] = rec.generation_dtype

@@ -6,7 +6,7 @@ from sftdoctor.context import IGNORE_INDEX
 from sftdoctor.findings import Finding
 from sftdoctor.tokens import TokenClass
 
-from ._common import rows_of, token_ref
+from ._common import id_mask, rows_of, token_ref
 
 id = "pad-is-eos-masked"
 level = "batch"
@@ -22,6 +22,11 @@ def masked_real_eos(ctx):
     unsupervised = b.labels == IGNORE_INDEX
     prev_supervised = (b.labels != IGNORE_INDEX).roll(1, dims=1)
     prev_supervised[:, 0] = False
+    # the answer already ended with a supervised end token (e.g. <|im_end|>, pad <|endoftext|> after it):
+    # the pad id that follows is padding, not the answer's EOS
+    prev_end = id_mask(b.input_ids, tok.eos_ids).roll(1, dims=1)
+    prev_end[:, 0] = False
+    prev_supervised &= ~prev_end
     return eos_here & unsupervised & prev_supervised, eos_here & prev_supervised
 
 

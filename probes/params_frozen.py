@@ -9,6 +9,7 @@ level = "step"
 summary = "no/too few trainable params get a non-zero grad, or trainable params are not in the optimizer"
 needs = ("step",)
 MIN_SHARE = 0.5  # share of trainable parameter elements that must receive a non-zero gradient
+TINY_TRAINABLE = 0.01  # trainable share of all parameters below which "only norms/biases train" is a defect
 FIX = ("set requires_grad on the weights you mean to train before building the optimizer; with gradient "
        "checkpointing and frozen embeddings call model.enable_input_require_grads(); check PEFT target_modules")
 
@@ -36,6 +37,22 @@ def check(ctx) -> list[Finding]:
                       "with_grad": p.get("with_grad"), "nonzero_share": p["nonzero_share"],
                       "zero_grad_names": p.get("zero_grad_names", [])},
             fix=FIX,
+        ))
+    total = p.get("total_numel") or 0
+    if (not out and total and p.get("trainable") and p.get("trainable_matrix_numel") == 0
+            and p.get("trainable_numel", 0) / total < TINY_TRAINABLE):
+        # a name filter meant for a LoRA model (e.g. "lora" in name) applied to a plain model: no weight
+        # matrix trains, only the 1-D norm/bias vectors; a real adapter (LoRA A/B) is a matrix and passes
+        share = p["trainable_numel"] / total
+        out.append(Finding(
+            id=id, severity="fail", level=level,
+            message=(f"only {p['trainable']} 1-D tensors ({p['trainable_numel']:,} of {total:,} parameters, {share:.3%}) are "
+                     "trainable: every weight matrix is frozen, so the model can barely learn (norm/bias vectors only)"),
+            evidence={"step": r.step, "trainable": p["trainable"], "trainable_numel": p["trainable_numel"],
+                      "total_numel": total, "trainable_share": round(share, 6), "trainable_matrix_numel": 0,
+                      "trainable_names": p.get("trainable_names", [])},
+            fix=("check the filter that sets requires_grad (a LoRA name filter such as 'lora' in name matches nothing in a "
+                 "plain model): train the weight matrices, or wrap the model with PEFT before filtering"),
         ))
     if p.get("missing_from_optimizer_count"):
         out.append(Finding(

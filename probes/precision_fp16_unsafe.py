@@ -21,6 +21,9 @@ def check(ctx) -> list[Finding]:
         reasons.append("checkpoint-bf16")
     if d.get("adam_eps_fp16_zero"):
         reasons.append("adam-eps-rounds-to-zero")
+    if d.get("param") == "float16" and "adam" in str(d.get("optimizer") or "").lower():
+        # model.half() + Adam: no fp32 master weights; small updates round away and the state under/overflows
+        reasons.append("pure-fp16-adam")
     if not reasons:
         return []
     parts = []
@@ -28,6 +31,9 @@ def check(ctx) -> list[Finding]:
         parts.append("the checkpoint was trained in bfloat16 but runs in float16")
     if "adam-eps-rounds-to-zero" in reasons:
         parts.append(f"{d.get('optimizer')} eps {d['adam_eps_fp16_zero'][0]:g} is 0 in float16 parameters")
+    if "pure-fp16-adam" in reasons:
+        parts.append(f"the parameters themselves are float16 and {d.get('optimizer')} updates them directly (no fp32 "
+                     "master weights: updates below fp16 resolution are lost, the Adam state under/overflows)")
     return [Finding(
         id=id, severity="warn", level=level,
         message="; ".join(parts),

@@ -31,12 +31,21 @@ def check(ctx) -> list[Finding]:
     if hit is None:
         return []
     row, prev = hit
+    value = row["max_abs"]
+    is_nan = isinstance(value, float) and value != value
+    near = prev is not None and prev["max_abs"] is not None and prev["limit"] and prev["max_abs"] >= prev["limit"] / 4
+    # NaN with nothing near the limit before it is not an overflow: NaN came in (weights, inputs, 0/0)
+    kind = "nan-without-overflow" if is_nan and not near else ("overflow-nan" if is_nan else "overflow-inf")
+    what = {"overflow-inf": f"overflowed to inf in {row['dtype']}",
+            "overflow-nan": f"went NaN in {row['dtype']} after values near its limit",
+            "nan-without-overflow": (f"is NaN in {row['dtype']} with no value near the limit before it: NaN weights or "
+                                     "inputs (or 0/0), not a range overflow")}[kind]
     return [Finding(
         id=id, severity="fail", level=level,
-        message=(f"{row['phase']} output of {row['module']} is non-finite in {row['dtype']} "
+        message=(f"{row['phase']} output of {row['module']} {what} "
                  f"(limit {row['limit']:g})" + (f"; the module called before it peaked at {prev['max_abs']:.3g}" if prev else "")),
         evidence={"step": r.step, "module": row["module"], "phase": row["phase"], "value": row["max_abs"],
-                  "dtype": row["dtype"], "limit": row["limit"],
+                  "dtype": row["dtype"], "limit": row["limit"], "kind": kind,
                   "previous_module": prev["module"] if prev else None,
                   "previous_max_abs": prev["max_abs"] if prev else None},
         fix=("train in bf16 (or fp32) instead of fp16, or keep this module in fp32; a bf16-pretrained model "

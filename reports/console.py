@@ -14,7 +14,8 @@ from rich.text import Text
 from sftdoctor.report import Report
 
 SEVERITY_STYLE = {"fail": "bold red", "warn": "yellow", "info": "cyan"}
-VERDICT_STYLE = {"fail": "bold white on red", "warn": "bold black on yellow", "pass": "bold white on green"}
+VERDICT_STYLE = {"fail": "bold white on red", "warn": "bold black on yellow", "pass": "bold white on green",
+                 "inconclusive": "bold white on blue"}  # inconclusive is never green: nothing says "fine"
 CLASS_NAMES = ["prompt", "response", "eos", "pad", "special"]
 CLASS_STYLE = {0: "grey50", 1: "green", 2: "bold magenta", 3: "grey35", 4: "blue"}
 # Long runs of one kind are collapsed to their edges ("[pad supervised, label 0 ×412]"): padding
@@ -98,6 +99,7 @@ def verdict_line(report: Report) -> Text:
     t = Text()
     t.append(f" {v.upper()} ", style=VERDICT_STYLE[v])
     t.append(f"  sftdoctor {report.command}: {counts['fail']} fail, {counts['warn']} warn, {counts['info']} info")
+    t.append(f"  ({report.verdict_reason})", style="dim" if v != "inconclusive" else "bold")
     return t
 
 
@@ -121,14 +123,38 @@ def finding_panel(f) -> Panel:
         body.add_row(Text(k, style="dim"), Text(format_value(v)))
     if f.fix:
         body.add_row("fix", Text(f.fix, style="green"))
-    where = f" step {f.step}" if f.step else ""
-    rank = f" rank {f.rank}" if f.rank is not None else ""
-    title = Text.assemble((f" {f.severity.upper()} ", SEVERITY_STYLE[f.severity]), f" {f.id} ", (f"[{f.level}{where}{rank}]", "dim"))
+    # "[step 3]", "[batch]", "[checkpoint, step 40]": never "[step step 3]"
+    if f.level == "step":
+        where = f"step {f.step}" if f.step is not None else "step"
+    else:
+        where = f.level + (f", step {f.step}" if f.step else "")
+    rank = f", rank {f.rank}" if f.rank is not None else ""
+    title = Text.assemble((f" {f.severity.upper()} ", SEVERITY_STYLE[f.severity]), f" {f.id} ", (f"[{where}{rank}]", "dim"))
     return Panel(body, title=title, title_align="left", border_style=SEVERITY_STYLE[f.severity].split()[-1])
 
 
-def class_table(report: Report) -> Table | None:
+def token_classes(report: Report) -> dict[str, Any] | None:
+    """metrics["token_classes"] with supervised prompt tokens shown as prompt: the classes are
+    computed from the labels (a supervised token counts as response), so where labels-prompt-supervised
+    found N supervised prompt tokens they move back to the prompt row; the table then agrees with the
+    finding instead of saying "0 prompt tokens" beside it."""
     tc = report.metrics.get("token_classes")
+    if not isinstance(tc, dict) or not tc:
+        return tc
+    f = report.get("labels-prompt-supervised")
+    n = (f.evidence or {}).get("prompt_supervised_tokens") if f is not None else None
+    if not isinstance(n, int) or n <= 0 or not isinstance(tc.get("response"), dict):
+        return tc
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in tc.items()}
+    resp, prompt = out["response"], out.setdefault("prompt", {"tokens": 0, "supervised": 0})
+    n = min(n, int(resp.get("supervised") or 0), int(resp.get("tokens") or 0))
+    resp["tokens"], resp["supervised"] = resp.get("tokens", 0) - n, resp.get("supervised", 0) - n
+    prompt["tokens"], prompt["supervised"] = (prompt.get("tokens") or 0) + n, (prompt.get("supervised") or 0) + n
+    return out
+
+
+def class_table(report: Report) -> Table | None:
+    tc = token_classes(report)
     if not tc:
         return None
     t = Table(title="tokens by class", title_justify="left")
@@ -231,7 +257,8 @@ def generation_table(report: Report, rows: int = 4) -> Table | None:
     gens = report.metrics.get("generations")
     if not gens:
         return None
-    t = Table(title=f"greedy generations ({gens[0].get('dtype')})", title_justify="left")
+    dtype = gens[0].get("dtype")
+    t = Table(title="greedy generations" + (f" ({dtype})" if dtype else ""), title_justify="left")
     for col in ("#", "output", "tokens", "stopped"):
         t.add_column(col)
     for k, g in enumerate(gens[:rows]):

@@ -37,7 +37,7 @@ MAX_LIST_ITEMS = 24  # items of a list of scalars
 # listed before the symptoms it explains. Family "learned": the model was trained on the wrong
 # targets (data/labels); "numerical": values overflowed or went NaN; "setup": configuration.
 CAUSES: dict[str, tuple[str, int, str]] = {
-    "labels-pad-not-ignored": ("learned", 10, "Padding positions were trained as targets, so the model learned to emit the pad label (id 0 prints as `!`)."),
+    "labels-pad-not-ignored": ("learned", 10, "Padding positions were trained as targets, so the model learned to emit the pad label."),
     "labels-misaligned": ("learned", 10, "Labels are shifted against the inputs: the model is trained to predict the wrong token."),
     "pad-is-eos-masked": ("learned", 12, "Masking pad by id also masked the real EOS, so the model never learns to stop."),
     "attention-mask-hides-tokens": ("learned", 14, "The attention mask hides real tokens (a loss mask passed as attention_mask?): the answer cannot see the question."),
@@ -53,8 +53,12 @@ CAUSES: dict[str, tuple[str, int, str]] = {
     "grad-nonfinite": ("numerical", 14, "Parameter gradients are NaN/inf, so updates corrupt the weights."),
     "weights-nonfinite": ("numerical", 15, "The saved weights hold NaN/inf: every forward pass is poisoned."),
     "loss-nonfinite": ("numerical", 20, "The loss is NaN or inf."),
-    "logits-nonfinite": ("numerical", 22, "The logits are NaN/inf; argmax of a NaN row is id 0, which prints as `!`."),
+    "logits-nonfinite": ("numerical", 22, "The logits are NaN/inf; argmax of a NaN row is id 0."),
     "loss-scale-skipped-steps": ("numerical", 24, "The GradScaler skipped optimizer steps: the loss looks fine while nothing is learned."),
+    # warn-level causes: listed when something failed, since they often explain the fails
+    "precision-fp16-unsafe": ("numerical", 6, "fp16 where it is not safe (pure fp16 weights with Adam, or a bf16 checkpoint run in fp16): the setup that makes values overflow or go NaN."),
+    "loss-divergence": ("numerical", 26, "The loss diverged (learning rate too high?)."),
+    "template-mismatch": ("learned", 19, "Training rows and inference prompts use different formats."),
     "prediction-collapse": ("symptom", 40, "Predictions collapsed onto one token."),
     "generation-degenerate": ("symptom", 42, "Greedy generation repeats one token (the `!!!!` symptom)."),
     "generation-never-stops": ("symptom", 44, "Generation runs to max_new_tokens without EOS."),
@@ -79,9 +83,17 @@ def root_causes(report: Report) -> list[dict[str, Any]]:
     """Fail findings ranked upstream-first, each with its family and a one-line explanation.
     A symptom whose family is known from its evidence is listed under that family."""
     fails = [f for f in report.findings if f.severity == "fail"]
+    if fails:
+        # a warn that is a known upstream cause (fp16 + Adam, divergence) is often the real cause of the fails
+        fails += [f for f in report.findings if f.severity == "warn" and CAUSES.get(f.id, ("symptom",))[0] != "symptom"]
     ranked = []
     for f in fails:
         base_family, priority, what = CAUSES.get(f.id, ("other", 30, ""))
+        if f.id == "precision-overflow" and (f.evidence or {}).get("kind") == "nan-without-overflow":
+            what = "NaN appeared with no value near the dtype's limit: NaN weights or inputs, not a range overflow."
+        text0 = _id0_text(report)
+        if "id 0" in what and text0:
+            what += f" In this tokenizer id 0 is {text0!r}."
         family = _family(f)
         ranked.append({
             "id": f.id, "family": family, "family_label": FAMILY_LABEL.get(family, family),
@@ -92,6 +104,19 @@ def root_causes(report: Report) -> list[dict[str, Any]]:
     for i, r in enumerate(ranked, 1):
         r["rank"] = i
     return ranked
+
+
+def _id0_text(report: Report) -> str | None:
+    """How this report's tokenizer prints id 0 (evidence or samples), None when unknown."""
+    for f in report.findings:
+        ev = f.evidence or {}
+        if ev.get("token_id") == 0 and isinstance(ev.get("token_text") or ev.get("text"), str):
+            return ev.get("token_text") or ev.get("text")
+    for row in report.samples or []:
+        for i, t in zip(row.get("ids") or [], row.get("texts") or []):
+            if i == 0 and isinstance(t, str):
+                return t
+    return None
 
 
 def shown_step(f) -> int | None:
@@ -257,7 +282,9 @@ def token_rows(report: Report) -> list[dict[str, Any]]:
 
 # ---- tables -------------------------------------------------------------------------------
 def class_table(report: Report) -> dict[str, Any] | None:
-    tc = report.metrics.get("token_classes")
+    from .console import token_classes
+
+    tc = token_classes(report)
     if not isinstance(tc, dict) or not tc:
         return None
     cols: list[str] = []
@@ -389,7 +416,9 @@ def activation_rows(report: Report, limit: int = 12) -> list[dict[str, str]]:
     return [{"module": r["module"], "phase": r["phase"], "dtype": str(r["dtype"] or "-"),
              "max_abs": "non-finite" if not r["finite"] else fmt_number(r["max_abs"]),
              "limit": fmt_number(r["limit"]) if r["limit"] else "-",
-             "ratio": "overflow" if not r["finite"] else (f"{ratio(r):.1%}" if r["limit"] else "-"),
+             # NaN is not an overflow (NaN weights/inputs): say which non-finite value it is
+             "ratio": (("NaN" if r.get("nan") else "overflow (inf)") if not r["finite"]
+                       else (f"{ratio(r):.1%}" if r["limit"] else "-")),
              "bad": not r["finite"] or ratio(r) >= 0.25,
              "step": _or_dash(r["step"] if r["finite"] else r["bad_step"])}
             for r in rows]
@@ -437,8 +466,15 @@ def build_context(report: Report) -> dict[str, Any]:
                          "family": FAMILY_LABEL.get(_family(f), "") if f.severity == "fail" else "",
                          "repeats": report.repeats.get(f.id, 0)})
     forecast = metrics.get("fp16_forecast")
+    if isinstance(forecast, dict) and forecast.get("safe") and any(
+            isinstance(a, dict) and a.get("finite") is False for a in activations):
+        # a forecast of fp16 from values that are already non-finite says nothing: never print "safe"
+        forecast = {**forecast, "safe": None,
+                    "note": "not meaningful: the forward is already non-finite (NaN/inf) in its own dtype"}
     return {
-        "report": report, "verdict": report.verdict, "counts": counts, "causes": causes,
+        "report": report, "verdict": report.verdict, "verdict_reason": report.verdict_reason, "counts": counts, "causes": causes,
+        "checks_ran": sum(1 for c in report.checks if c.status != "skipped"),
+        "checks_skipped": sum(1 for c in report.checks if c.status == "skipped"),
         "families_line": families_line(causes), "findings": findings, "run": run_view(report),
         "class_table": class_table(report), "token_rows": token_rows(report),
         "argmax": argmax_rows(report), "figures": figures, "step_summary": step_summary(steps),

@@ -240,6 +240,7 @@ def activation_summary(activations: Iterable[dict]) -> list[dict]:
         if a.get("finite") is False or (v is not None and not math.isfinite(v)):
             if rec["finite"]:
                 rec["finite"], rec["bad_step"] = False, a.get("step")
+                rec["nan"] = v is not None and v != v  # NaN is not an overflow: the renderer says which
         elif finite(v) and (rec["max_abs"] is None or v > rec["max_abs"]):
             rec["max_abs"], rec["step"] = v, a.get("step")
         if rec["limit"] is None:

@@ -9,6 +9,7 @@ import torch
 
 from .context import IGNORE_INDEX, Batch, ModelInfo, ProbeContext, TokenizerInfo
 from .engine import run_probes
+from .findings import CheckResult
 from .report import Report
 from .tokens import class_table
 
@@ -108,6 +109,14 @@ def inspect_batch(batch: Any, tokenizer: Any = None, model: Any = None, *, hints
 
     ctx = make_context(batch, tokenizer, model, hints=hints)
     report = Report(command=command, environment=environment())
+    if ctx.batch.input_ids.numel() == 0:
+        # nothing to look at: every check is skipped and the verdict is inconclusive, never a pass
+        B, T = (tuple(ctx.batch.input_ids.shape) + (0, 0))[:2]
+        report.record_checks(CheckResult(i, "skipped", f"empty batch ({B} rows x {T} tokens)", p.level)
+                             for p in BATCH for i in p.ids)
+        report.run["note"] = f"the batch is empty ({B} rows x {T} tokens)"
+        report.metrics["batch"] = {"rows": B, "seq_len": T}
+        return report
     findings, checks = run_probes(ctx, BATCH, ignore=ignore)
     report.add(findings)
     report.record_checks(checks)

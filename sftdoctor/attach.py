@@ -476,6 +476,11 @@ class Doctor:
                 rec.params["sharded_grads"] = len(sharded)  # grad_norm covers this rank's shards only
         else:
             rec.params = {"trainable": len(trainable), "trainable_numel": sum(p.numel() for _, p in trainable)}
+        # what share of the model trains, and whether any weight matrix does (params-frozen: only norms/biases)
+        rec.params["total_numel"] = sum(p.numel() for _, p in self._named_params)
+        rec.params["trainable_matrix_numel"] = sum(p.numel() for _, p in trainable if p.dim() >= 2)
+        if len(trainable) <= 64:
+            rec.params["trainable_names"] = [n for n, _ in trainable][:20]
         opt = self._opt_ref() if self._opt_ref is not None else None
         if opt is not None:
             in_opt = {id(p) for g in opt.param_groups for p in g["params"]}

@@ -613,46 +613,69 @@ def is_degenerate(tokens: list[int], pad_ids: set[int]) -> bool:
 
 
 def check_generation_outputs(prompts: list[list[int]], outputs: list[list[int]], tokenizer_info: Any, *,
-                             max_new_tokens: int | None = None, logits_nonfinite: Any = None) -> list[Finding]:
+                             max_new_tokens: int | None = None, logits_nonfinite: Any = None,
+                             training: Mapping[str, Any] | None = None) -> list[Finding]:
     """generation-degenerate (with its cause family) and generation-never-stops on greedy outputs.
 
     outputs: per prompt, the generated ids (new tokens, or prompt + new tokens as model.generate
     returns them). logits_nonfinite: True/False (or a share, or a per-prompt list) when known:
     non-finite logits make the family 'numerical', finite ones 'learned', unknown otherwise.
+    training: what is known about how the model was trained (sftdoctor.verdict.undertrained keys:
+    first_loss, last_loss, steps, vocab_size, eos_supervised, pad_is_eos_masked, ...).
+
+    Severity (docs/findings.md, "bad output, no defect found"): fail only when the cause is named:
+    non-finite logits, the repeated token is the pad token / id 0 / eos-as-pad, EOS never supervised
+    (or pad == eos with no evidence that EOS was supervised). Otherwise the output is bad but no
+    defect was found: warn with evidence.cause 'undertrained' and what the training evidence says.
     """
+    from .verdict import undertrained
+
     tok = tokenizer_info
+    training = dict(training or {})
     stop_ids = set(getattr(tok, "eos_ids", ()) or ())
     pad_id = getattr(tok, "pad_id", None)
+    pad_is_eos = pad_id is not None and pad_id in stop_ids
     pad_ids = {0} | ({pad_id} if pad_id is not None and pad_id not in stop_ids else set())
     cut = [split_output(p, o, stop_ids) for p, o in zip(prompts, outputs)]
     if not cut:
         return []
+    # the first new token of each output (the stop token itself when it stopped at once)
+    firsts = [_first_new(p, o) for p, o in zip(prompts, outputs)]
     limit = max_new_tokens if max_new_tokens is not None else max(len(t) for t, _ in cut)
     if isinstance(logits_nonfinite, (list, tuple)):
         nonfinite = any(bool(x) for x in logits_nonfinite)
     else:
         nonfinite = None if logits_nonfinite is None else bool(logits_nonfinite)
     degenerate = [is_degenerate(t, pad_ids) for t, _ in cut]
+    # an output that is the pad token at once (pad == eos, or id 0 as a stop): it "stops" empty, which is
+    # the learned-pad symptom, not a model that answers and stops
+    emits_pad = [len(t) == 0 and stopped and f is not None and (f == pad_id or f == 0)
+                 for (t, stopped), f in zip(cut, firsts)]
     if nonfinite:
         # NaN logits argmax to id 0; where id 0 is also the end token the output "stops" at once,
         # empty rather than `!!!!`: still degenerate, numerical family.
         degenerate = [d or len(t) == 0 for d, (t, _) in zip(degenerate, cut)]
+    degenerate = [d or e for d, e in zip(degenerate, emits_pad)]
     text = tok.token_text if hasattr(tok, "token_text") else (lambda i: "")
     decode = getattr(tok, "decode", None)
 
     def sample(k: int) -> dict[str, Any]:
         tokens, stopped = cut[k]
         s = decode(tokens[:48]) if decode is not None else " ".join(map(str, tokens[:48]))
-        return {"prompt": k, "output": s, "ids": tokens[:16], "tokens": len(tokens), "stopped": stopped}
+        return {"prompt": k, "output": s, "ids": tokens[:16] or ([firsts[k]] if firsts[k] is not None else []),
+                "tokens": len(tokens), "stopped": stopped}
 
     findings: list[Finding] = []
     n, n_deg = len(cut), sum(degenerate)
     if n_deg * 2 >= n and n_deg:
         counts = Counter(t for (toks, _), d in zip(cut, degenerate) if d for t in toks)
+        counts.update(f for f, e in zip(firsts, emits_pad) if e)  # the pad token that ended an empty output
         token_id, token_count = counts.most_common(1)[0] if counts else (0, 0)  # empty outputs: id 0 ended them
-        gen_total = sum(len(toks) for (toks, _), d in zip(cut, degenerate) if d)
+        gen_total = sum(len(toks) for (toks, _), d in zip(cut, degenerate) if d) + sum(emits_pad)
         family = "unknown" if nonfinite is None else ("numerical" if nonfinite else "learned")
         tok_text = text(token_id)
+        pad_token = token_id == pad_id or token_id == 0
+        named = bool(nonfinite) or pad_token
         why = {"numerical": "logits are NaN/inf (argmax of an all-NaN row is id 0)",
                "learned": "logits are finite, so the weights genuinely prefer it",
                "unknown": "logits were not checked"}[family]
@@ -663,37 +686,89 @@ def check_generation_outputs(prompts: list[list[int]], outputs: list[list[int]],
                         "(check a batch with sftdoctor inspect-batch), then retrain"),
             "unknown": "run sftdoctor diagnose on the saved model to tell a numerical cause from a learned one",
         }[family]
-        findings.append(Finding(
-            id="generation-degenerate", severity="fail", level="checkpoint",
-            message=(f"greedy generation repeats token {token_id} {tok_text!r} on {n_deg} of {n} prompts; {why} "
-                     f"({family} family)"),
-            evidence={
-                "family": family, "degenerate_prompts": n_deg, "prompts": n, "token_id": int(token_id),
-                "token_text": tok_text, "token_share": round(token_count / max(gen_total, 1), 4),
-                "token_is_pad": token_id == pad_id, "token_is_id0": token_id == 0,
-                "logits_finite": None if nonfinite is None else not nonfinite,
-                "samples": [sample(k) for k in range(n) if degenerate[k]][:3],
-            },
-            fix=fix,
-        ))
+        what = "emits" if sum(emits_pad) * 2 >= n_deg else "repeats"
+        evidence: dict[str, Any] = {
+            "family": family, "degenerate_prompts": n_deg, "prompts": n, "token_id": int(token_id),
+            "token_text": tok_text, "token_share": round(token_count / max(gen_total, 1), 4),
+            "token_is_pad": token_id == pad_id, "token_is_id0": token_id == 0,
+            "logits_finite": None if nonfinite is None else not nonfinite,
+            "samples": [sample(k) for k in range(n) if degenerate[k]][:3],
+        }
+        if named:
+            if not nonfinite:
+                evidence["cause"] = "pad-token-learned" if token_id == pad_id else "id0-learned"
+            message = (f"greedy generation {what} token {token_id} {tok_text!r} on {n_deg} of {n} prompts; {why} "
+                       f"({family} family)")
+            severity = "fail"
+        else:
+            # bad output, no defect found: a repeated ordinary token from a model that is still (nearly) untrained
+            evidence.update(undertrained(training))
+            message = (f"greedy generation repeats token {token_id} {tok_text!r} on {n_deg} of {n} prompts, but no "
+                       f"defect was found: logits {'finite' if nonfinite is False else 'not checked'}, the token is not the "
+                       f"pad token or id 0{_training_note(evidence)}; the model is undertrained, not broken")
+            fix = ("train longer (more steps or epochs), from a pretrained model, or with a larger model; the pipeline "
+                   "checks found nothing to fix")
+            severity = "warn"
+        findings.append(Finding(id="generation-degenerate", severity=severity, level="checkpoint",
+                                message=message, evidence=evidence, fix=fix))
     normal = [k for k in range(n) if not degenerate[k]]
     running = [k for k in normal if not cut[k][1] and len(cut[k][0]) >= limit]
     if normal and len(running) * 2 > len(normal):
         lengths = [len(cut[k][0]) for k in normal]
         eos_text = [{"id": i, "text": text(i)} for i in sorted(stop_ids)]
-        findings.append(Finding(
-            id="generation-never-stops", severity="fail", level="checkpoint",
-            message=(f"greedy generation ran to the {limit}-token limit without an end token on {len(running)} of "
-                     f"{len(normal)} prompts: the model never learned to emit EOS"),
-            evidence={"stop_rate": round(1 - len(running) / len(normal), 4), "prompts": len(normal),
-                      "never_stopped": len(running), "mean_length": round(sum(lengths) / len(lengths), 2),
-                      "max_new_tokens": limit, "end_tokens": eos_text,
-                      "pad_is_eos": pad_id is not None and pad_id in stop_ids,
-                      "samples": [sample(k) for k in running[:3]]},
-            fix=("supervise the EOS / end-of-turn token at the end of every response; if pad == eos, mask padding "
-                 "by position (attention_mask == 0), not by token id, or use a pad token distinct from eos"),
-        ))
+        evidence = {"stop_rate": round(1 - len(running) / len(normal), 4), "prompts": len(normal),
+                    "never_stopped": len(running), "mean_length": round(sum(lengths) / len(lengths), 2),
+                    "max_new_tokens": limit, "end_tokens": eos_text, "pad_is_eos": pad_is_eos,
+                    "samples": [sample(k) for k in running[:3]]}
+        eos_supervised = training.get("eos_supervised")
+        head = (f"greedy generation ran to the {limit}-token limit without an end token on {len(running)} of "
+                f"{len(normal)} prompts")
+        fix = ("supervise the EOS / end-of-turn token at the end of every response; if pad == eos, mask padding "
+               "by position (attention_mask == 0), not by token id, or use a pad token distinct from eos")
+        if eos_supervised is False or training.get("pad_is_eos_masked"):
+            evidence["cause"] = "eos-not-supervised"
+            severity, message = "fail", head + ": EOS was never supervised in training, so the model never learned to emit it"
+        elif pad_is_eos and eos_supervised is None:
+            evidence["cause"] = "pad-is-eos"
+            severity, message = "fail", (head + ": pad == eos, and masking the padding by token id masks every real EOS "
+                                         "too, so the model never learns to emit EOS")
+        else:
+            evidence.update(undertrained(training))
+            if eos_supervised:
+                evidence["cause"] = "undertrained"
+                message = (head + f": EOS was supervised in training{_training_note(evidence)}, so the model has not "
+                           "learned to stop yet: a capacity / training-length limit, not a defect")
+                fix = "train longer or use a larger or pretrained model; the EOS supervision is correct"
+            else:
+                evidence["cause"] = "no-defect-found"
+                message = (head + "; from the outputs alone no defect is named (pad differs from eos): check a training "
+                           "batch with sftdoctor inspect-batch (labels-eos-missing, pad-is-eos-masked name the cause), "
+                           "or the model is simply undertrained")
+            severity = "warn"
+        findings.append(Finding(id="generation-never-stops", severity=severity, level="checkpoint",
+                                message=message, evidence=evidence, fix=fix))
     return findings
+
+
+def _first_new(prompt: list[int], output: list[int]) -> int | None:
+    out = list(output)
+    if len(out) >= len(prompt) and prompt and out[: len(prompt)] == list(prompt):
+        out = out[len(prompt):]
+    return out[0] if out else None
+
+
+def _training_note(ev: Mapping[str, Any]) -> str:
+    """', loss 10.4 -> 6.1 over 40 steps (first loss ~ ln(vocab) 10.8: it started untrained)' from undertrained()."""
+    parts = []
+    if ev.get("first_loss") is not None and ev.get("last_loss") is not None:
+        parts.append(f"loss {ev['first_loss']:.3g} -> {ev['last_loss']:.3g}")
+    elif ev.get("last_loss") is not None:
+        parts.append(f"last loss {ev['last_loss']:.3g}")
+    if ev.get("steps") is not None:
+        parts.append(f"over {ev['steps']} steps")
+    if ev.get("started_untrained"):
+        parts.append(f"(first loss near ln(vocab) = {ev['ln_vocab']:.3g}: it started untrained)")
+    return (", " + " ".join(parts)) if parts else ""
 
 
 def read_generation_config(folder: str | os.PathLike) -> dict[str, Any] | None:

@@ -382,13 +382,27 @@ def diagnose(path: str, *, base: str | None = None, prompts: str | list[str] | N
     from sftdoctor.api import environment
     from sftdoctor.probes import CHECKPOINT
 
+    from . import trainmeta
+    from .loading import resolve_checkpoint
+
     if max_new_tokens < 1 or num_prompts < 1:
         raise UserError("--max-new-tokens and --num-prompts must be at least 1")
     questions = read_questions(prompts) if isinstance(prompts, (str, Path)) else (list(prompts) if prompts else None)
+    # a model saved by `sftdoctor train` says how it was trained: its questions, prompt format and end
+    # tokens are used unless the user gives their own (asking it questions in a format it never saw
+    # would blame the model for our prompt)
+    meta = trainmeta.read(resolve_checkpoint(path)) if Path(path).expanduser().is_dir() else None
+    stop_ids = None
+    if meta is not None:
+        questions = questions or meta.get("eval_questions") or None
+        prompt_format = prompt_format or meta.get("prompt_format")
+        if meta.get("end_tokens"):
+            stop_ids = {int(t) for t in meta["end_tokens"]}
     questions = (questions or DEFAULT_QUESTIONS)[:num_prompts]
     record, tok, config = inspect_checkpoint(path, tokenizer=tokenizer, questions=questions, dtype=dtype,
                                              max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
-                                             prompt_format=prompt_format, attn_implementation=attn_implementation)
+                                             prompt_format=prompt_format, attn_implementation=attn_implementation,
+                                             stop_ids=None if stop_ids is None else stop_ids | _default_stops(path, tokenizer))
     if base is not None:
         # identical settings: the same prompt ids, stop ids, served dtype and extra dtypes
         same_prompts = [g["prompt_ids"] for g in record.generations]
@@ -400,13 +414,33 @@ def diagnose(path: str, *, base: str | None = None, prompts: str | list[str] | N
                                                attn_implementation=attn_implementation)
         record.weight_change = weight_change(record.path, record.base.path)
 
-    ctx = ProbeContext(tokenizer=tok, model=ModelInfo.from_config(config), checkpoint=record)
+    hints = {}
+    if meta is not None:
+        hints["training"] = {**meta.get("training", {}), "source": trainmeta.FILE}
+    ctx = ProbeContext(tokenizer=tok, model=ModelInfo.from_config(config), checkpoint=record, hints=hints)
     report = Report(command="diagnose", environment=environment())
     findings, checks = run_probes(ctx, CHECKPOINT, ignore=set(ignore))
     report.add(findings)
     report.record_checks(checks)
     report.metrics.update(record_metrics(record, tok))
+    if meta is not None:
+        report.metrics["trained_by_sftdoctor"] = {"prompt_format": prompt_format, "end_tokens": meta.get("end_tokens"),
+                                                  "training": meta.get("training")}
     return report
+
+
+def _default_stops(path: str, tokenizer: Any) -> set[int]:
+    """The tokenizer's and generation_config's eos ids (what inspect_checkpoint stops on by default)."""
+    from .loading import load_checkpoint_tokenizer, resolve_checkpoint
+
+    folder = resolve_checkpoint(path)
+    out = set((read_generation_config(folder) or {}).get("eos_token_id") or [])
+    try:
+        raw = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) else load_checkpoint_tokenizer(folder, shown_as=path)
+        out |= set(TokenizerInfo.from_tokenizer(raw).eos_ids)
+    except Exception:  # the tokenizer is loaded (and its errors reported) by inspect_checkpoint
+        pass
+    return out
 
 
 def _has_tokenizer(name: str) -> bool:

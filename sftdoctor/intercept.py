@@ -259,8 +259,11 @@ def inspect_script(script: str | None, script_args: list[str], *, module: str | 
     that batch, stop the script, and return the Report."""
     from .api import inspect_batch
 
+    from .onestep import OneStep, find_optimizer
+
     captured: dict[str, Any] = {}
     script_ns: dict[str, Any] = {}
+    own = OneStep(StopScript)  # the script's own first step (its loss, its optimizer): see onestep.py
 
     def inspect(fw: Forward, batch, labels_from, tokenizer, hints, grad_enabled: bool):
         if max_length:
@@ -280,6 +283,8 @@ def inspect_script(script: str | None, script_args: list[str], *, module: str | 
     def on_forward(model, args, kwargs, frame) -> None:
         import torch
 
+        if own.running:
+            raise StopScript("first training step inspected")  # the next forward: the step is over
         if not torch.is_grad_enabled() and "fallback" in captured:
             return
         fw = capture(model, args, kwargs, frame)
@@ -296,6 +301,10 @@ def inspect_script(script: str | None, script_args: list[str], *, module: str | 
             captured["report"] = inspect(fw, batch, labels_from, tokenizer, hints, True)
         except Exception as e:  # ours, not the script's: raised again once the script is unwound
             captured["error"] = e
+        if "report" in captured:
+            own.start(model, tokenizer, find_optimizer(frame, globals_), ignore)
+            if own.running:
+                return  # let this forward, the script's loss and backward run under the step probes
         try:
             from transformers import Trainer
 
@@ -317,7 +326,11 @@ def inspect_script(script: str | None, script_args: list[str], *, module: str | 
         raise captured["error"]
     if "report" in captured:
         report = captured["report"]
+        own.finish(report)
         report.run.update(status="stopped", reason=outcome.reason or "first model forward inspected", script=name)
+        if outcome.status == "crashed":  # the script's own step raised after its first forward
+            print_user_traceback(outcome.exception)
+            report.run.update(status="crashed", error=outcome.error, exit_code=outcome.exit_code)
         return report
     if "fallback" in captured and outcome.status in ("completed", "exited"):
         report = inspect(*captured["fallback"], False)  # the script has ended: our errors surface as ours

@@ -75,8 +75,16 @@ class Report:
     # ---- reading --------------------------------------------------------------------------
     @property
     def verdict(self) -> str:
-        v = worst(f.severity for f in self.findings)
-        return v if v in ("fail", "warn") else "pass"
+        """fail | warn | pass | inconclusive (rules in sftdoctor.verdict)."""
+        from .verdict import decide
+
+        return decide(self)[0]
+
+    @property
+    def verdict_reason(self) -> str:
+        from .verdict import decide
+
+        return decide(self)[1]
 
     def by_severity(self) -> list[Finding]:
         order = {"fail": 0, "warn": 1, "info": 2}
@@ -101,6 +109,7 @@ class Report:
             "schema": SCHEMA,
             "command": self.command,
             "verdict": self.verdict,
+            "verdict_reason": self.verdict_reason,
             "findings": [f.to_dict() for f in self.by_severity()],
             "checks": [c.to_dict() for c in self.checks],
             "metrics": self.metrics,

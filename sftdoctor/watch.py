@@ -352,12 +352,24 @@ class Watcher:
         try:
             nonfinite = self._logits_nonfinite(model, prompts, kwargs.get("attention_mask"))
             found = check_generation_outputs(prompts.tolist(), sequences.tolist(), info, max_new_tokens=max_new,
-                                             logits_nonfinite=nonfinite)
+                                             logits_nonfinite=nonfinite, training=self._training_evidence())
         except Exception:
             return
         finally:
             self._saving = False
-        self._record_checkpoint_checks(found, GENERATION_IDS, "generations", {"prompts": int(prompts.shape[0])})
+        ids = GENERATION_IDS
+        if self.report.samples:  # trained on one format, generating with another (template-mismatch)
+            from .formats import generation_format_mismatch
+
+            rows = [[i for i, c in zip(s["ids"], s["classes"]) if c != 3] for s in self.report.samples]
+            am = kwargs.get("attention_mask")
+            asked = prompts.tolist()
+            if isinstance(am, torch.Tensor) and am.shape == prompts.shape:  # left padding is not the prompt
+                asked = [[i for i, m in zip(p, a) if m] for p, a in zip(prompts.tolist(), am.tolist())]
+            mismatch = generation_format_mismatch(rows, asked, info)
+            found = found + ([mismatch] if mismatch else [])
+            ids = GENERATION_IDS + ("template-mismatch",)
+        self._record_checkpoint_checks(found, ids, "generations", {"prompts": int(prompts.shape[0])})
 
     def _record_checkpoint_checks(self, found: list, ids, metric: str, entry: dict[str, Any]) -> None:
         """Stamp checkpoint-level findings with the current step and rank, record their checks and
@@ -379,6 +391,18 @@ class Watcher:
             return None
         finally:
             self._catcher.busy = False
+
+    def _training_evidence(self) -> dict[str, Any]:
+        """What this run says about training so far, for telling an undertrained model from a broken one:
+        first/last loss, steps, vocab, and whether the batch checks saw EOS supervised."""
+        losses = [r.get("loss") for d in self.doctors for r in d.records if isinstance(r.get("loss"), (int, float))]
+        status = {c.id: c.status for c in self.report.checks}
+        eos = status.get("labels-eos-missing")
+        vocab = next((d.model_info.embedding_rows for d in self.doctors if getattr(d, "model_info", None) is not None), None)
+        return {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+                "steps": self.optimizer_steps or None, "vocab_size": vocab,
+                "eos_supervised": {"pass": True, "fail": False}.get(eos),
+                "pad_is_eos_masked": status.get("pad-is-eos-masked") == "fail"}
 
     def _micro_step(self) -> int | None:
         return max((len(d.records) for d in self.doctors), default=None)
@@ -420,7 +444,7 @@ def _status(found: list[Finding], finding_id: str) -> str:
 
 def exit_code(report: Report) -> int:
     """The script's exit code when the script failed (exception 1, sys.exit(n) n, Ctrl-C 130),
-    else 1 when a fail finding was found, else 0."""
+    else the verdict's code (sftdoctor.verdict: 1 fail, 3 inconclusive, 0 pass/warn)."""
     # several ranks (a merged report): run holds the first failing rank's status (distributed.merge)
     for run in [report.run, *report.run.get("ranks", [])]:
         status, code = run.get("status"), run.get("exit_code") or 0
@@ -428,7 +452,9 @@ def exit_code(report: Report) -> int:
             return int(code) if isinstance(code, int) and code else 1
     if report.run.get("status") == "incomplete":  # a rank never answered: the job is not known to be sound
         return 1
-    return 1 if report.verdict == "fail" else 0
+    from .verdict import exit_code as verdict_code
+
+    return verdict_code(report.verdict)
 
 
 def watch(script: str | None, args: list[str], *, module: str | None = None, options: WatchOptions | None = None,

@@ -31,6 +31,8 @@ def test_report_json_round_trip(tmp_path):
 
 def test_verdict_rules():
     r = Report(command="x")
+    assert r.verdict == "inconclusive"  # nothing checked is never a pass
+    r.record_checks([CheckResult("bos-duplicated", "pass")])
     assert r.verdict == "pass"
     r.add([Finding("bos-duplicated", "warn", "batch", "m")])
     assert r.verdict == "warn"
@@ -98,3 +100,46 @@ def test_outputs_never_replace_a_file_that_is_not_a_report(tmp_path, monkeypatch
     for flag, name in (("--json", "r.json"), ("--html", "r.html")):
         assert main(["inspect-batch", "--batch", "b.pt", "--tokenizer", tok_dir, flag, name, "-q"]) in (0, 1)
         assert main(["inspect-batch", "--batch", "b.pt", "--tokenizer", tok_dir, flag, name, "-q"]) in (0, 1)
+
+
+def test_inconclusive_when_nothing_ran_or_sftdoctor_failed(tmp_path):
+    from sftdoctor.verdict import exit_code
+
+    r = Report(command="inspect-batch")
+    r.record_checks([CheckResult("bos-duplicated", "skipped", "needs step")])
+    assert r.verdict == "inconclusive" and exit_code(r.verdict) == 3
+    r.record_checks([CheckResult("labels-pad-not-ignored", "pass")])
+    assert r.verdict == "pass" and exit_code(r.verdict) == 0
+    # an exception of ours never yields a PASS (nor a WARN: what it hid is unknown) ...
+    r.run["internal_errors"] = ["RuntimeError: hook failed"]
+    assert r.verdict == "inconclusive" and "internal sftdoctor error" in r.verdict_reason
+    r.add([Finding("bos-duplicated", "warn", "batch", "m")])
+    assert r.verdict == "inconclusive"
+    # ... a probe that raised counts the same way
+    r2 = Report(command="x")
+    r2.record_checks([CheckResult("a", "pass"), CheckResult("b", "skipped", "probe error: ValueError: x")])
+    assert r2.verdict == "inconclusive"
+    # ... but a named defect still fails
+    r.add([Finding("labels-pad-not-ignored", "fail", "batch", "m")])
+    assert r.verdict == "fail" and exit_code(r.verdict) == 1
+    # the JSON says so, and reloading keeps it
+    p = tmp_path / "r.json"
+    r2.save(p)
+    d = json.loads(p.read_text())
+    assert d["verdict"] == "inconclusive" and "probe error" in d["verdict_reason"]
+    assert Report.load(p).verdict == "inconclusive"
+
+
+def test_inconclusive_renders_in_console_and_html_never_green():
+    from rich.console import Console
+
+    from sftdoctor.reports.console import render
+    from sftdoctor.reports.html import render_html
+
+    r = Report(command="watch", run={"note": "no training forward of a causal LM was seen"})
+    con = Console(record=True, width=120)
+    render(r, con)
+    text = con.export_text()
+    assert "INCONCLUSIVE" in text and "PASS" not in text and "no check ran" in text
+    page = render_html(r)
+    assert 'class="banner v-inconclusive"' in page and 'class="banner v-pass"' not in page and "not enough was checked" in page

@@ -173,7 +173,11 @@ def test_precision_fp16_unsafe_adam_eps_rounds_to_zero():
     f = r.get("precision-fp16-unsafe")
     assert f is not None and "adam-eps-rounds-to-zero" in f.evidence["reasons"] and f.evidence["eps"] == 1e-8
     m = model("qwen2").half()
-    assert "precision-fp16-unsafe" not in hf_run(m, opt=torch.optim.AdamW(m.parameters(), lr=1e-4, eps=1e-4)).ids()
+    # eps 1e-4 is representable in fp16, but Adam on pure fp16 weights (no fp32 master copy) is still named
+    f = hf_run(m, opt=torch.optim.AdamW(m.parameters(), lr=1e-4, eps=1e-4)).get("precision-fp16-unsafe")
+    assert f is not None and f.evidence["reasons"] == ["pure-fp16-adam"]
+    m = model("qwen2")  # fp32 weights with AdamW: fine
+    assert "precision-fp16-unsafe" not in hf_run(m, opt=torch.optim.AdamW(m.parameters(), lr=1e-4, eps=1e-8)).ids()
 
 
 # ---- grad-nonfinite ---------------------------------------------------------------------------------

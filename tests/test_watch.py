@@ -204,7 +204,8 @@ def test_script_without_a_model_still_reports(tmp_path):
     script = tmp_path / "noop.py"
     script.write_text("print('nothing to train')\n")
     code, report = watch(tmp_path, script)
-    assert code == 0 and report["run"]["status"] == "completed"
+    # nothing was checked: never a PASS, exit 3 (inconclusive)
+    assert code == 3 and report["run"]["status"] == "completed" and report["verdict"] == "inconclusive"
     assert "no training forward" in report["run"]["note"]
 
 

@@ -115,7 +115,8 @@ def write_failure(report: Report, failed: list[tuple[str, str, OSError]]) -> Use
 
 
 def finish(report: Report, args: argparse.Namespace, *, show: bool = True) -> int:
-    """Write --json/--html, print, and return the exit code (0 pass/warn, 1 fail).
+    """Write --json/--html, print, and return the exit code (0 pass/warn, 1 fail, 3 inconclusive:
+    sftdoctor.verdict).
 
     Files are written before printing, so a closed stdout (`| head`) never loses the report. A
     write that fails (ENOSPC, EROFS) still prints the report, then raises one line (exit 2)."""
@@ -128,4 +129,6 @@ def finish(report: Report, args: argparse.Namespace, *, show: bool = True) -> in
             pass
     if failed:
         raise write_failure(report, failed)
-    return 1 if report.verdict == "fail" else 0
+    from ..verdict import exit_code
+
+    return exit_code(report.verdict)

@@ -53,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
                                    ignore=ignored_ids(args.ignore), show_progress=not args.no_progress,
                                    dry_run=args.dry_run)
     if not is_main():
-        return 1 if report.verdict == "fail" else 0
+        from ..verdict import exit_code
+
+        return exit_code(report.verdict)
     code = finish(report, args, show=True)
     where = report.run.get("report_file") or out / "report.json"
     if report.run.get("report_write_error"):  # a full disk or read-only folder at the end of the run

@@ -300,6 +300,9 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
     if not main:
         return report, out
     pipe.tokenizer.save_pretrained(str(final))
+    from .. import trainmeta  # what diagnose needs: prompt format, questions, end tokens, training evidence
+
+    trainmeta.from_train_run(final, pipe, report)
     say(f"saved: {final}")
     from .checks import check_saved
 
@@ -313,6 +316,7 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
                                               stop=stop_ids(pipe.tokenizer, recipe.prompt_format), max_new_tokens=budget,
                                               batch_size=recipe.eval_batch_size, progress=progress)
         ev = report.metrics["eval"]
+        trainmeta.update(final, eval_accuracy=ev.get("accuracy"), eval_stop_rate=ev.get("stop_rate"))
         say(f"eval: {ev['examples']} held-out problems: exact match {ev['accuracy']:.1%}, format {ev['format_rate']:.1%}, stop {ev['stop_rate']:.1%}")
     t = report.metrics["train"]
     if logger.records:
