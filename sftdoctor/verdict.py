@@ -55,6 +55,10 @@ def decide(report: Any) -> tuple[str, str]:
             and not any(c.level == "step" and c.status != "skipped" for c in report.checks)):
         # the batch was seen but no training step was observed: the step checks (the numerics) never ran
         return "inconclusive", "the batch checks ran but no training step was observed, so no step check ran"
+    crashed = _crashed_rank(run)
+    if crashed is not None:
+        # the checks saw only the steps before the crash: a clean partial run is not a PASS
+        return "inconclusive", f"the script crashed{crashed} before the run completed; {ran} checks ran on what it did"
     errors = internal_errors(report)
     if errors:
         return "inconclusive", (f"{len(errors)} internal sftdoctor error{'s' if len(errors) != 1 else ''} may have hidden "
@@ -62,6 +66,17 @@ def decide(report: Any) -> tuple[str, str]:
     if "warn" in sev:
         return "warn", f"{ran} checks ran; warnings to look at"
     return "pass", f"{ran} checks ran, none found a problem"
+
+
+def _crashed_rank(run: dict[str, Any]) -> str | None:
+    """' on rank N' / '' when the script (on any rank) crashed or a rank never answered; None otherwise."""
+    if run.get("status") in ("crashed", "incomplete"):
+        rank = run.get("failed_rank")
+        return f" on rank {rank}" if isinstance(rank, int) else ""
+    for r in run.get("ranks") or []:
+        if isinstance(r, dict) and r.get("status") in ("crashed", "no-report"):
+            return f" on rank {r.get('rank', '?')}"
+    return None
 
 
 def exit_code(verdict: str) -> int:

@@ -143,3 +143,18 @@ def test_inconclusive_renders_in_console_and_html_never_green():
     assert "INCONCLUSIVE" in text and "PASS" not in text and "no check ran" in text
     page = render_html(r)
     assert 'class="banner v-inconclusive"' in page and 'class="banner v-pass"' not in page and "not enough was checked" in page
+
+
+def test_a_crash_on_any_rank_is_never_a_pass():
+    r = Report(command="watch")
+    r.record_checks([CheckResult("labels-pad-not-ignored", "pass")])
+    r.run = {"status": "completed", "ranks": [{"rank": 0, "status": "completed"}, {"rank": 1, "status": "completed"}]}
+    assert r.verdict == "pass"
+    r.run["ranks"][1]["status"] = "crashed"  # rank 1's script raised; rank 0 completed
+    assert r.verdict == "inconclusive" and "rank 1" in r.verdict_reason
+    r.run = {"status": "crashed", "failed_rank": 1}
+    assert r.verdict == "inconclusive" and "crashed on rank 1" in r.verdict_reason
+    r.run = {"status": "incomplete"}  # a rank never answered
+    assert r.verdict == "inconclusive"
+    r.add([Finding("labels-pad-not-ignored", "fail", "batch", "m")])
+    assert r.verdict == "fail"  # a named defect still fails
