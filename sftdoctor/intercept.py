@@ -182,6 +182,26 @@ def _tokenizer_in(value: Any, depth: int = 0) -> Any:
     return None
 
 
+def trainer_tokenizer(trainer: Any, script_globals: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """The tokenizer a Trainer's batches were made with, and where it was found: processing_class,
+    else the data collator's, else the train dataset's, else the script's globals. (None, "") when
+    there is none: the EOS checks then say they did not run."""
+    for where, value in (("processing_class", getattr(trainer, "processing_class", None)),
+                         ("data_collator", getattr(trainer, "data_collator", None)),
+                         ("train_dataset", getattr(trainer, "train_dataset", None))):
+        try:
+            found = _tokenizer_in(value)
+        except Exception:
+            found = None
+        if found is not None:
+            return found, where
+    for value in list((script_globals or {}).values()):
+        found = _tokenizer_in(value)
+        if found is not None:
+            return found, "the script's globals"
+    return None, ""
+
+
 def find_tokenizer(frame: FrameType | None, script_globals: Mapping[str, Any] | None = None) -> Any:
     """The tokenizer the script uses: the calling frames' locals first (nearest first), then the
     script's globals, then (last resort) any tokenizer alive in the process."""

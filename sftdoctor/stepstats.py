@@ -266,8 +266,12 @@ def logits_forward_stats(logits: torch.Tensor, candidates: torch.Tensor | None) 
     }
     out = {k: v.reshape(B, T) for k, v in out.items()}
     if candidates is not None:  # one gather of [N, K] values for all rows, not a pass over the logits
-        cflat = candidates.reshape(N, candidates.shape[-1]).clamp(min=0)
-        out["cand_logit"] = flat.gather(-1, cflat).float().reshape(B, T, cflat.shape[-1])
+        # an id the logits have no column for (a pad id added to the tokenizer, embeddings not resized
+        # (yet)) reads column 0 and is marked NaN: never an out-of-bounds gather
+        cflat = candidates.reshape(N, candidates.shape[-1])
+        outside = (cflat < 0) | (cflat >= V)
+        got = flat.gather(-1, cflat.masked_fill(outside, 0)).float()
+        out["cand_logit"] = got.masked_fill(outside, float("nan")).reshape(B, T, cflat.shape[-1])
     return out
 
 
