@@ -162,6 +162,8 @@ def _odd(labels, ids, k) -> bool:
 def _token(t: Text, row: dict[str, Any], k: int) -> None:
     cls = row["classes"][k]
     style = CLASS_STYLE[cls] + (" underline" if _sup(row.get("labels"), k) else "")
+    if k % 2:
+        style += " on grey15"  # alternate a faint background: token borders stay visible, spaces stay spaces
     text = row["texts"][k].replace("\n", "↵\n") if row["texts"][k] else f"<{row['ids'][k]}>"
     t.append(text, style=style)
     if _odd(row.get("labels"), row["ids"], k):

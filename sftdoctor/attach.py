@@ -242,7 +242,9 @@ class Doctor:
             labels = None
         if labels is not None:
             # cheap every step: supervised tokens as HF counts them (labels[t + 1] != -100)
-            pend.tensors["supervised"] = (labels[:, 1:] != IGNORE_INDEX).sum()
+            per_row = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+            pend.tensors["supervised"] = per_row.sum()
+            pend.tensors["empty_rows"] = (per_row == 0).sum()
         if isinstance(ids, torch.Tensor) and ids.dim() == 2:
             pend.device_ids, pend.device_labels = ids, labels
             if full:  # copied to the host with the step's statistics (one transfer), see _build_record
@@ -501,6 +503,8 @@ class Doctor:
                 rec.loss, rec.loss_source = rec.backward_loss, "backward"
         if "supervised" in host:
             rec.supervised_tokens, rec.supervised_source = int(host["supervised"]), "labels"
+        if "empty_rows" in host:
+            rec.empty_rows = int(host["empty_rows"])
 
         # parameters and their gradients (cheap: one foreach norm, every step)
         trainable = [(n, p) for n, p in self._named_params if p.requires_grad]

@@ -64,6 +64,7 @@ class StepRecord:
     params: dict[str, Any] | None = None  # trainable / with grad / missing from optimizer (see attach)
     supervised_tokens: int | None = None
     supervised_source: str | None = None  # "labels" | "gradient"
+    empty_rows: int | None = None  # rows with no supervised token (labels passed to the model): a per-row mean is 0/0
     scaler_active: bool = False
     dtypes: dict[str, Any] = field(default_factory=dict)  # param, config, autocast, compute, adam_eps_fp16_zero
     logits_requires_grad: bool | None = None
@@ -84,6 +85,7 @@ class StepRecord:
         """The report.metrics["steps"] row (keys read by the HTML renderer)."""
         return {
             "step": self.step, "optimizer_step": self.optimizer_step, "loss": self.loss,
+            "loss_source": self.loss_source, "backward_loss": self.backward_loss,
             "grad_norm": self.grad_norm, "loss_scale": self.loss_scale, "lr": self.lr,
             "supervised_tokens": self.supervised_tokens, "by_class": self.by_class, "full": self.full,
         }
