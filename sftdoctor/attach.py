@@ -117,9 +117,12 @@ class Doctor:
             self._signature = inspect.signature(model.forward)
         except (TypeError, ValueError):
             self._signature = None
+        from .intercept import _eager
+
+        # eager even around a torch.compile'd model (the root's hooks run outside its compiled forward)
         self._handles = [
-            model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
-            model.register_forward_hook(self._on_forward_end, with_kwargs=True),
+            model.register_forward_pre_hook(_eager(self._on_forward_start), with_kwargs=True),
+            model.register_forward_hook(_eager(self._on_forward_end), with_kwargs=True),
         ]
         hooks.register(self)
 
@@ -661,6 +664,11 @@ class Doctor:
         full = self._latest_full
         if full is not None:
             m["activations"] = _merge_activations(full.activations)
+            if full.activations and all(r["module"] in ("logits", self._collector.output_name) for r in full.activations):
+                # hooks inside a torch.compile'd forward never run: say what was not observed
+                m["activations_not_observed"] = ("per-module activations were not observed (a torch.compile'd forward: "
+                                                 "module hooks inside the compiled graph do not run); the precision "
+                                                 "checks read the logits only")
             if full.fp16_forecast is not None:
                 m["fp16_forecast"] = full.fp16_forecast
             if full.argmax is not None:

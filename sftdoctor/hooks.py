@@ -173,7 +173,7 @@ class ActivationCollector:
 
     def _make_hook(self, name: str) -> Callable:
         def hook(mod, inputs, output):
-            if not self.forward_on or compiling():
+            if compiling() or not self.forward_on:  # compiling() first: a traced hook reads no attribute (no guard)
                 return None
             t = first_tensor(output)
             if t is None or not t.is_floating_point() or t.numel() == 0:
@@ -190,7 +190,7 @@ class ActivationCollector:
     def _make_grad_hook(self, name: str) -> Callable:
         def grad_hook(grad):
             # autograd hook: record only, never raise into the user's backward
-            if self.backward_on and grad is not None and grad.numel():
+            if not compiling() and self.backward_on and grad is not None and grad.numel():
                 with torch.no_grad():
                     mn, mx = torch.aminmax(grad.detach())
                     self.backward.append((name, grad.dtype, torch.maximum(mx.float(), -mn.float())))

@@ -54,8 +54,14 @@ class ForwardCatcher:
     def install(self, patches: Patches) -> None:
         from transformers import PreTrainedModel
 
+        import torch
+
         module_call = inherited(PreTrainedModel, "__call__")
         catcher = self
+        # torch.compile: a compiled model calls model.__call__ (this function) under dynamo. Dynamo must
+        # skip THIS frame (as it skips nn.Module.__call__) but still compile the model's forward below
+        # it (recursive=False), and must never trace what sftdoctor does (on_forward: disabled).
+        on_forward = _eager(lambda *a: catcher.on_forward(*a))
 
         def __call__(model, *args, **kwargs):
             if catcher.busy or catcher.depth or not is_causal_lm(model):
@@ -64,14 +70,29 @@ class ForwardCatcher:
             try:
                 catcher.busy = True
                 try:
-                    catcher.on_forward(model, args, kwargs, sys._getframe(1))
+                    on_forward(model, args, kwargs, sys._getframe(1))
                 finally:
                     catcher.busy = False
                 return module_call(model, *args, **kwargs)
             finally:
                 catcher.depth -= 1
 
+        try:
+            __call__ = torch.compiler.disable(__call__, recursive=False)
+        except Exception:  # an older torch without recursive=False: plain function
+            pass
         patches.set(PreTrainedModel, "__call__", __call__)
+
+
+def _eager(fn: Callable) -> Callable:
+    """fn, never traced by torch.compile (it runs eagerly even when called from a compiled region's
+    surroundings); fn itself where torch.compiler.disable is unavailable."""
+    try:
+        import torch
+
+        return torch.compiler.disable(fn)
+    except Exception:
+        return fn
 
 
 def capture(model: Any, args: tuple, kwargs: dict, frame: FrameType) -> Forward:

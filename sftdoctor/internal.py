@@ -32,6 +32,7 @@ def entry(where: str, exc: BaseException | None = None, affects: Iterable[str] =
     run (fully or on this step) because of it."""
     affects = [a for a in dict.fromkeys(affects)]
     err = error or (f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error")
+    err = err.strip()[:1000]
     e = {"where": where, "error": err, "affects": affects, "message": message(where, err, affects)}
     if with_traceback and exc is not None:
         e["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-4))[-2000:]
@@ -57,7 +58,8 @@ def add(report: Any, e: dict[str, Any]) -> None:
         return
     if len(errs) < MAX_KEPT:
         errs.append(e)
-    report.record_checks(CheckResult(i, "skipped", f"sftdoctor internal error in {e['where']}: {e['error']}")
+    short = str(e["error"]).strip().splitlines()[0][:200] if str(e["error"]).strip() else "error"
+    report.record_checks(CheckResult(i, "skipped", f"sftdoctor internal error in {e['where']}: {short}")
                          for i in e.get("affects", []))
 
 
