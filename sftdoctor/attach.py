@@ -60,6 +60,7 @@ class _Pending:
     forward_done: bool = False
     autocast_dtype: str | None = None
     logits_module: str = "logits"  # name of the module whose output is the logits (lm_head)
+    no_logits: str | None = None  # why no logits were seen in this forward (fused LM head, ...)
     grad_source: str | None = None  # "logits" (the returned logits) | "lm_head" (its output, under a wrapper)
 
 
@@ -283,6 +284,11 @@ class Doctor:
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 pend.tensors["model_loss"] = loss.detach().float().reshape(())
             logits = hooks.logits_of(output)
+            if logits is None:
+                pend.no_logits = ("TRL's fused LM head (fused_lm_head=True) returns per-token log-probabilities, never the "
+                                  "logits, so d loss / d logits cannot be measured in this step"
+                                  if getattr(output, "log_probs", None) is not None else
+                                  "the model returned no logits in this step (hidden states only?)")
             if logits is not None:
                 pend.logits_dtype = dtype_name(logits.dtype)
                 pend.logits_requires_grad = bool(logits.requires_grad)
@@ -617,6 +623,12 @@ class Doctor:
 
         hints = {"forward_stats": bool(record.logits is not None or record.activations),
                  "logits_grad": record.targets is not None, "backward": record.backward_seen}
+        if pend.no_logits:
+            hints["why_no_logits_grad"] = f"needs logits_grad: {pend.no_logits}"
+            hints["why_no_forward_stats"] = f"needs forward_stats: {pend.no_logits}"
+        elif pend.full and record.backward_seen and not pend.grad:
+            hints["why_no_logits_grad"] = ("needs logits_grad: a backward ran but no gradient reached the logits this "
+                                           "hook saw or the lm_head output (the loss did not use them?)")
         ctx = self._context(record, pend.batch, hints)
         try:
             findings, checks = run_probes(ctx, STEP, ignore=self.ignore)
