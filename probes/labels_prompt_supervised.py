@@ -149,6 +149,28 @@ def check(ctx) -> list[Finding]:
         })
         message = (f"{n_prompt_sup} of {n_region} prompt tokens are supervised ({n_prompt_sup / max(n_sup, 1):.0%} of "
                    f"all supervised tokens), prompt end found by {method}" + (f" {marker!r}" if marker else ""))
+        # what the "supervised" prompt labels hold: the prompt's own ids (no masking), or one fill value such
+        # as 0 / the pad id (masking done with the wrong value: the model is taught to emit that id)
+        vals = b.labels[prompt_sup]
+        common = torch.bincount(vals.clamp(min=0)).argmax() if vals.numel() else None
+        fill_share = float((vals == common).float().mean()) if common is not None else 0.0
+        copies = float((b.labels[prompt_sup] == b.input_ids[prompt_sup]).float().mean()) if vals.numel() else 0.0
+        if common is not None and fill_share >= 0.8 and copies < 0.5:
+            fill = int(common)
+            tok = ctx.tokenizer
+            text = tok.token_text(fill) if tok is not None else None
+            is_pad = tok is not None and tok.pad_id == fill
+            evidence.update({"label_fill_id": fill, "label_fill_text": text, "fill_share": round(fill_share, 4),
+                             "fill_is_pad_id": is_pad})
+            message = (f"{n_prompt_sup} of {n_region} prompt positions carry the label id {fill}"
+                       + (f" ({text!r}{', the pad id' if is_pad else ''})" if text is not None else "")
+                       + " instead of -100: the prompt was masked with the wrong value, so the loss trains the model "
+                       f"to emit id {fill} there (the `{text or fill}`-only output symptom)")
+            return [Finding(
+                id=id, severity="warn", level=level, message=message, evidence=evidence,
+                fix=(f"mask with -100 (the loss's ignore_index), not {fill}: labels[:prompt_len] = -100 and pad the "
+                     "labels with -100 (DataCollatorForSeq2Seq(label_pad_token_id=-100))"),
+            )]
     elif method == "response marker" and marker is None and bool(fully_supervised[has_sup].all()):
         evidence.update({
             "rows_fully_supervised": int(fully_supervised.sum()),

@@ -16,6 +16,17 @@ def check(ctx) -> list[Finding]:
     tok = ctx.tokenizer
     if tok.pad_id is not None:
         return []
+    b = ctx.batch
+    if b is not None and (b.input_ids.shape[0] == 1 or (b.attention_mask is not None and bool((b.attention_mask != 0).all()))):
+        # nothing in the batch is padded (batch size 1, packing, equal lengths): no pad token is needed here
+        return [Finding(
+            id=id, severity="info", level=level,
+            message=(f"{tok.class_name} has no pad token, but nothing in this batch is padded "
+                     f"({'batch size 1' if b.input_ids.shape[0] == 1 else 'every position is attended: packed or equal-length rows'}); "
+                     "it matters only if you batch rows of different lengths"),
+            evidence={"tokenizer_class": tok.class_name, "batch_size": int(b.input_ids.shape[0]), "padded_positions": 0},
+            fix="none needed for this script; before padding variable-length rows, add a pad token that is not eos",
+        )]
     return [Finding(
         id=id, severity="warn", level=level,
         message=f"{tok.class_name} has no pad token (eos {tok.eos_token!r}, bos {token_ref(tok, tok.bos_id)['text']!r})",

@@ -52,9 +52,14 @@ def renderables(report: Report, *, tokens: bool = True, max_rows: int = 2) -> li
         out.extend(rank_lines(report))  # several ranks: each one's end, the failing one first
     elif report.run.get("status") not in (None, "completed"):
         out.append(Text(f"run {report.run.get('status')}: {report.run.get('error', {}).get('message', '') if isinstance(report.run.get('error'), dict) else ''}".rstrip(": "), style="red"))
-    for err in report.run.get("internal_errors", [])[:3]:
-        # a probe or hook of ours failed: the report may be incomplete, say so
-        out.append(Text(f"sftdoctor internal error (report may be incomplete): {err}", style="magenta"))
+    from sftdoctor.internal import collect
+
+    errors = collect(report)
+    for err in errors[:5]:
+        # a probe or hook of ours failed: say what did not run, and that it is our bug
+        out.append(Text(str(err.get("message") or err.get("error")), style="magenta"))
+    if len(errors) > 5:
+        out.append(Text(f"... and {len(errors) - 5} more sftdoctor internal errors (see the JSON report)", style="magenta"))
     for f in report.by_severity():
         out.append(finding_panel(f))
     table = class_table(report)
@@ -229,6 +234,8 @@ def _odd(labels, ids, k) -> bool:
 def _token(t: Text, row: dict[str, Any], k: int) -> None:
     cls = row["classes"][k]
     style = CLASS_STYLE[cls] + (" underline" if _sup(row.get("labels"), k) else "")
+    if k % 2:
+        style += " on grey15"  # alternate a faint background: token borders stay visible, spaces stay spaces
     text = row["texts"][k].replace("\n", "↵\n") if row["texts"][k] else f"<{row['ids'][k]}>"
     t.append(text, style=style)
     if _odd(row.get("labels"), row["ids"], k):
@@ -273,4 +280,13 @@ def checks_line(report: Report) -> Text:
     for c in report.checks:
         counts[c.status] = counts.get(c.status, 0) + 1
     parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    return Text(f"checks: {parts or 'none ran'}", style="dim")
+    t = Text(f"checks: {parts or 'none ran'}", style="dim")
+    skipped = [c for c in report.checks if c.status == "skipped" and c.reason != "ignored by configuration"]
+    if skipped:
+        # every check that did not run says why (grouped by reason, one line each)
+        by_reason: dict[str, list[str]] = {}
+        for c in skipped:
+            by_reason.setdefault(c.reason or "no reason recorded", []).append(c.id)
+        for reason, ids in by_reason.items():
+            t.append(f"\n  not run: {', '.join(ids)}: {reason}", style="dim")
+    return t

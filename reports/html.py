@@ -323,7 +323,12 @@ def checks_view(report: Report) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for c in checks:
         counts[c.status] = counts.get(c.status, 0) + 1
-    return {"rows": checks, "counts": [(s, counts[s]) for s in sorted(counts, key=lambda s: order.get(s, 9))]}
+    from sftdoctor.internal import collect
+
+    errors = [{"message": str(e.get("message") or e.get("error") or ""), "affects": ", ".join(map(str, e.get("affects") or []))}
+              for e in collect(report)]
+    return {"rows": checks, "counts": [(s, counts[s]) for s in sorted(counts, key=lambda s: order.get(s, 9))],
+            "errors": errors}
 
 
 def run_view(report: Report) -> dict[str, Any] | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import traceback
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -34,6 +33,10 @@ from .stepstats import (FP16_MAX, HEADROOM_FACTOR, OptimizerStep, RunHistory, St
                         candidate_targets, dtype_limit, dtype_name, logits_forward_stats, logits_grad_stats, to_host,
                         local_tensor, is_sharded)
 
+# the checks that read d loss / d logits (hints["logits_grad"]): an error in that hook affects these
+STEP_CHECKS = ("loss-nonfinite", "logits-nonfinite", "grad-nonfinite", "params-frozen", "precision-overflow",
+               "grad-from-ignored-tokens", "labels-misaligned")
+GRADIENT_CHECKS = ("grad-from-ignored-tokens", "labels-misaligned", "labels-eos-missing", "logits-nonfinite")
 NUMERICAL_IDS = {"loss-nonfinite", "logits-nonfinite", "precision-overflow", "precision-headroom",
                  "precision-fp16-unsafe", "grad-nonfinite", "loss-scale-skipped-steps", "loss-divergence"}
 
@@ -58,6 +61,8 @@ class _Pending:
     forward_done: bool = False
     autocast_dtype: str | None = None
     logits_module: str = "logits"  # name of the module whose output is the logits (lm_head)
+    no_logits: str | None = None  # why no logits were seen in this forward (fused LM head, ...)
+    grad_source: str | None = None  # "logits" (the returned logits) | "lm_head" (its output, under a wrapper)
 
 
 class Doctor:
@@ -83,7 +88,10 @@ class Doctor:
         self.records: list[dict[str, Any]] = []  # report.metrics["steps"] rows, one per micro-step
         self.optimizer_steps = 0  # optimizer step attempts (GradScaler-skipped ones included)
         self.history = RunHistory()
-        self.errors: list[str] = []  # internal errors of sftdoctor itself (never raised into training)
+        self.errors: list[dict] = []  # internal errors of sftdoctor itself (never raised into training), see internal.py
+        # (Batch, labels) of the first full step with a measured d loss / d logits: the labels the loss
+        # really used (-100 where no loss), HF-aligned. Read by watch to judge labels it had to guess.
+        self.gradient_labels: tuple[Batch, torch.Tensor] | None = None
         self._report = Report(command=command, environment=environment())
         self._named_params = list(model.named_parameters())
         self._param_ids = {id(p) for _, p in self._named_params}
@@ -105,19 +113,18 @@ class Doctor:
         self._trainer = None
         self._callback = None
         self._detached = False
-        out_emb = None
-        try:
-            out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        except Exception:
-            out_emb = None
-        self._collector = hooks.ActivationCollector(model, out_emb if isinstance(out_emb, torch.nn.Module) else None)
+        self._structure = self._structure_key()
+        self._collector = hooks.ActivationCollector(model, self._output_module())
         try:
             self._signature = inspect.signature(model.forward)
         except (TypeError, ValueError):
             self._signature = None
+        from .intercept import _eager
+
+        # eager even around a torch.compile'd model (the root's hooks run outside its compiled forward)
         self._handles = [
-            model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
-            model.register_forward_hook(self._on_forward_end, with_kwargs=True),
+            model.register_forward_pre_hook(_eager(self._on_forward_start), with_kwargs=True),
+            model.register_forward_hook(_eager(self._on_forward_end), with_kwargs=True),
         ]
         hooks.register(self)
 
@@ -162,6 +169,43 @@ class Doctor:
     def findings(self) -> list[Finding]:
         return list(self._report.findings)
 
+    # ---- following what the script swaps -----------------------------------------------------
+    def _output_module(self) -> torch.nn.Module | None:
+        try:
+            out = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        except Exception:
+            out = None
+        return out if isinstance(out, torch.nn.Module) else None
+
+    def _structure_key(self) -> tuple:
+        """What changes when the script swaps parts of the model after attach: the parameter
+        objects (resize_token_embeddings, PEFT, a re-created head) and the output module."""
+        out = self._output_module()
+        return (tuple(id(p) for p in self.model.parameters()), id(out) if out is not None else None)
+
+    def _refresh(self) -> None:
+        """Follow the model as it is NOW (invariant: probes never read a parameter or a module the
+        script has replaced). Cheap: one pass over the parameter list per forward."""
+        key = self._structure_key()
+        if key == self._structure:
+            return
+        self._structure = key
+        self._named_params = list(self.model.named_parameters())
+        self._param_ids = {id(p) for _, p in self._named_params}
+        if self._opt_ref is not None and self._opt_ref() is not None:
+            opt = self._opt_ref()
+            held = {id(p) for g in opt.param_groups for p in g["params"]}
+            if not held & self._param_ids:
+                self._opt_ref = None  # it holds none of the current parameters: adopt the next one that does
+        self._foreign_optimizers = weakref.WeakSet()
+        self._collector.remove()
+        self._collector = hooks.ActivationCollector(self.model, self._output_module())
+        if hasattr(self.model, "config"):
+            try:
+                self.model_info = ModelInfo.from_model(self.model)
+            except Exception:
+                self._error("model info", ())
+
     # ---- sampling -----------------------------------------------------------------------------
     def _key(self) -> int:
         return self.optimizer_steps if self._seen_optimizer else self._micro
@@ -172,8 +216,12 @@ class Doctor:
 
     # ---- forward ------------------------------------------------------------------------------
     def _on_forward_start(self, module, args, kwargs):
-        if self._detached or not torch.is_grad_enabled():
+        if self._detached or not torch.is_grad_enabled() or hooks.compiling():
             return None
+        try:
+            self._refresh()
+        except Exception:
+            self._error("following the model's parameters", ("params-frozen",))
         if self._in_forward:  # the previous forward raised before returning: drop what it started
             self._in_forward = False
             self._pending = None
@@ -199,7 +247,9 @@ class Doctor:
             labels = None
         if labels is not None:
             # cheap every step: supervised tokens as HF counts them (labels[t + 1] != -100)
-            pend.tensors["supervised"] = (labels[:, 1:] != IGNORE_INDEX).sum()
+            per_row = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+            pend.tensors["supervised"] = per_row.sum()
+            pend.tensors["empty_rows"] = (per_row == 0).sum()
             n_items = kwargs.get("num_items_in_batch")
             if isinstance(n_items, (int, float, torch.Tensor)):  # HF Trainer: loss = token-loss sum / n_items
                 pend.tensors["num_items"] = torch.as_tensor(n_items).detach().float().reshape(-1)[:1].reshape(())
@@ -217,6 +267,7 @@ class Doctor:
                 pend.autocast_dtype = dtype_name(torch.get_autocast_dtype(dev))
         except Exception:
             pass
+        self._collector.output_ref = None  # only this forward's lm_head output
         self._pending = pend
         self._in_forward = True
         self._collector.forward_on = full
@@ -225,7 +276,7 @@ class Doctor:
 
     def _on_forward_end(self, module, args, kwargs, output):
         pend = self._pending
-        if not self._in_forward or pend is None:
+        if not self._in_forward or pend is None or hooks.compiling():
             return None
         self._in_forward = False
         self._collector.forward_on = False
@@ -237,9 +288,16 @@ class Doctor:
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 pend.tensors["model_loss"] = loss.detach().float().reshape(())
             logits = hooks.logits_of(output)
+            if logits is None:
+                pend.no_logits = ("TRL's fused LM head (fused_lm_head=True) returns per-token log-probabilities, never the "
+                                  "logits, so d loss / d logits cannot be measured in this step"
+                                  if getattr(output, "log_probs", None) is not None else
+                                  "the model returned no logits in this step (hidden states only?)")
             if logits is not None:
                 pend.logits_dtype = dtype_name(logits.dtype)
                 pend.logits_requires_grad = bool(logits.requires_grad)
+                lm_ref, self._collector.output_ref = self._collector.output_ref, None
+                lm_out = lm_ref
                 if pend.full:
                     cands = None
                     if pend.device_ids is not None and tuple(pend.device_ids.shape) == tuple(logits.shape[:2]):
@@ -247,28 +305,40 @@ class Doctor:
                         cands = candidate_targets(pend.device_ids, pend.device_labels, pad)
                     pend.fwd = logits_forward_stats(logits, cands)
                     pend.logits_ref = weakref.ref(logits)
-                    ref = self._collector.output_ref
-                    pend.logits_module = (self._collector.output_name if ref is not None and ref() is logits else "logits")
-                    self._collector.output_ref = None
+                    pend.logits_module = self._collector.output_name if lm_out is logits else "logits"
                 if logits.requires_grad:
-                    logits.register_hook(self._logits_grad_hook(pend))
+                    logits.register_hook(self._logits_grad_hook(pend, "logits"))
+                # A wrapper may hand the caller a COPY of the logits (accelerate's convert_outputs_to_fp32
+                # under Trainer/TRL bf16/fp16): a loss computed inside the model (labels passed) never
+                # touches the copy. The lm_head's own output is upstream of every use, so its gradient
+                # is recorded when the copy's gradient never arrives (invariant: the hook sits on a
+                # tensor the loss's graph contains).
+                if (isinstance(lm_out, torch.Tensor) and lm_out is not logits and lm_out.requires_grad
+                        and tuple(lm_out.shape) == tuple(logits.shape)):
+                    lm_out.register_hook(self._logits_grad_hook(pend, "lm_head"))
+                    if lm_out.dtype != logits.dtype and pend.autocast_dtype is None and lm_out.dtype in (torch.bfloat16, torch.float16):
+                        pend.autocast_dtype = dtype_name(lm_out.dtype)  # autocast entered inside the wrapper
+                    pend.logits_dtype = dtype_name(lm_out.dtype)
         except Exception:
-            self._error()
+            self._error("the logits hook (end of forward)", ("logits-nonfinite", "prediction-collapse", "precision-overflow")
+                        + GRADIENT_CHECKS)
         # no reference to the batch beyond the forward, except a sampled step's own ids/mask/labels
         # (pend.tensors), which leave with its one host transfer at the end of the backward
         pend.device_ids = pend.device_labels = None
         return None
 
-    def _logits_grad_hook(self, pend: _Pending) -> Callable:
+    def _logits_grad_hook(self, pend: _Pending, source: str) -> Callable:
         def hook(grad):
-            # autograd hook: record only (no callbacks, nothing raised)
+            # autograd hook: record only (no callbacks, nothing raised). The returned logits' gradient
+            # arrives first in backward; the lm_head output's only matters when that one never came.
             pend.logits_grad_seen = True
             if pend.full and not pend.grad:
                 try:
                     logits = pend.logits_ref() if pend.logits_ref is not None else None
                     pend.grad = logits_grad_stats(grad, logits)
+                    pend.grad_source = source
                 except Exception:
-                    self._error()
+                    self._error("the d loss / d logits hook", GRADIENT_CHECKS)
             return None
         return hook
 
@@ -285,7 +355,7 @@ class Doctor:
                     value = value / self._scale_t.to(value.device).float().reshape(())  # undo GradScaler.scale
                 pend.tensors["backward_loss"] = value
         except Exception:
-            self._error()
+            self._error("reading the loss given to .backward()", ("loss-nonfinite",))
 
     def _after_backward(self, tensor: torch.Tensor) -> None:
         pend = self._pending
@@ -306,7 +376,7 @@ class Doctor:
             if self._pending is not None and self._scale_t is not None:
                 self._pending.tensors["scale"] = self._scale_t.float().reshape(())
         except Exception:
-            self._error()
+            self._error("the GradScaler hook", ("loss-scale-skipped-steps",))
 
     def _on_scaler_step_begin(self, scaler, optimizer) -> None:
         self._opt_fired = False
@@ -387,7 +457,7 @@ class Doctor:
         try:
             record, extra = self._build_record(pend)
         except Exception:
-            self._error()
+            self._error(f"reducing step {pend.step}", STEP_CHECKS)
             self._collector.take()
             return
         self.history.add(record)
@@ -400,6 +470,10 @@ class Doctor:
             self._latest_full = record
             if extra is not None:
                 self._latest_samples = extra
+                eff = (extra.get("extra") or {}).get("effective_target")
+                if self.gradient_labels is None and eff is not None and record.targets is not None:
+                    # what the loss trained on, measured: labels[i] = effective target of logits row i - 1
+                    self.gradient_labels = (extra["batch"], eff.long())
         new = self._run_step_probes(record, pend)
         new += self._run_run_probes()
         self._notify(new)
@@ -451,6 +525,8 @@ class Doctor:
             # accumulation logs); the share stays in raw_loss (distributed.merge sums it as Trainer logs)
             rec.raw_loss = rec.loss
             rec.loss = rec.loss * float(host["num_items"]) / rec.supervised_tokens
+        if "empty_rows" in host:
+            rec.empty_rows = int(host["empty_rows"])
 
         # parameters and their gradients (cheap: one foreach norm, every step)
         trainable = [(n, p) for n, p in self._named_params if p.requires_grad]
@@ -568,11 +644,17 @@ class Doctor:
 
         hints = {"forward_stats": bool(record.logits is not None or record.activations),
                  "logits_grad": record.targets is not None, "backward": record.backward_seen}
+        if pend.no_logits:
+            hints["why_no_logits_grad"] = f"needs logits_grad: {pend.no_logits}"
+            hints["why_no_forward_stats"] = f"needs forward_stats: {pend.no_logits}"
+        elif pend.full and record.backward_seen and not pend.grad:
+            hints["why_no_logits_grad"] = ("needs logits_grad: a backward ran but no gradient reached the logits this "
+                                           "hook saw or the lm_head output (the loss did not use them?)")
         ctx = self._context(record, pend.batch, hints)
         try:
             findings, checks = run_probes(ctx, STEP, ignore=self.ignore)
         except Exception:
-            self._error()
+            self._error("the step probes", STEP_CHECKS)
             return []
         for f in findings:
             f.evidence.setdefault("family", _family(f))
@@ -587,7 +669,7 @@ class Doctor:
         try:
             findings, checks = run_probes(ctx, RUN, ignore=self.ignore)
         except Exception:
-            self._error()
+            self._error("the run probes", ("grad-accum-normalization", "loss-scale-skipped-steps", "loss-divergence"))
             return []
         self.history.checked_records = len(self.history.records)
         self.history.checked_optimizer_steps = len(self.history.optimizer_steps)
@@ -615,6 +697,11 @@ class Doctor:
         full = self._latest_full
         if full is not None:
             m["activations"] = _merge_activations(full.activations)
+            if full.activations and all(r["module"] in ("logits", self._collector.output_name) for r in full.activations):
+                # hooks inside a torch.compile'd forward never run: say what was not observed
+                m["activations_not_observed"] = ("per-module activations were not observed (a torch.compile'd forward: "
+                                                 "module hooks inside the compiled graph do not run); the precision "
+                                                 "checks read the logits only")
             if full.fp16_forecast is not None:
                 m["fp16_forecast"] = full.fp16_forecast
             if full.argmax is not None:
@@ -629,10 +716,20 @@ class Doctor:
             ctx = ProbeContext(batch=self._latest_samples["batch"], tokenizer=self.tokenizer)
             self._report.samples = token_samples(ctx, extra=self._latest_samples["extra"])
         if self.errors:
-            m["internal_errors"] = self.errors[-5:]
+            from . import internal
 
-    def _error(self) -> None:
-        self.errors.append(traceback.format_exc(limit=3))
+            for e in self.errors:
+                internal.add(self._report, e)
+
+    def _error(self, where: str = "a step hook", affects: Iterable[str] = ()) -> None:
+        """Record the exception being handled as OUR error (never raised into the user's training)."""
+        import sys
+
+        from . import internal
+
+        exc = sys.exc_info()[1]
+        if len(self.errors) < 50:
+            self.errors.append(internal.entry(where, exc, affects))
 
 
 def _unwrap_optimizer(opt):
@@ -729,7 +826,9 @@ def attach(obj: Any, tokenizer: Any = None, *, optimizer: Any = None, every: int
         trainer = obj
         model = obj.model
         if tokenizer is None:
-            tokenizer = getattr(obj, "processing_class", None) or getattr(obj, "tokenizer", None)
+            from .intercept import trainer_tokenizer
+
+            tokenizer = trainer_tokenizer(obj)[0] or getattr(obj, "tokenizer", None)
         if optimizer is None:
             optimizer = getattr(obj, "optimizer", None)
     elif isinstance(obj, torch.nn.Module):

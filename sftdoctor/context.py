@@ -49,9 +49,19 @@ class TokenizerInfo:
             return ""
         if self.decode is not None:
             try:
-                return self.decode([int(token_id)])
+                text = self.decode([int(token_id)])
             except Exception:
                 return ""
+            # SentencePiece (Llama-2, Mistral, Gemma): a word-initial piece is '▁word', and decoding it alone
+            # drops the space; keep it, so a row reads as the tokenizer decodes the whole sequence
+            if self.convert_ids_to_tokens is not None and not text.startswith(" "):
+                try:
+                    piece = self.convert_ids_to_tokens([int(token_id)])[0]
+                except Exception:
+                    piece = None
+                if isinstance(piece, str) and piece.startswith("\u2581") and int(token_id) not in self.special_ids:
+                    text = " " + text
+            return text
         return ""
 
     @classmethod

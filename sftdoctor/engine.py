@@ -12,6 +12,27 @@ from typing import Any, Callable, Iterable
 
 from .context import ProbeContext
 from .findings import CheckResult, Finding, worst
+from .internal import PROBE_ERROR
+
+
+# Why a check did not run, by the context part it needed (a caller may give a more precise reason
+# for this run as hints["why_no_<need>"]). Each keeps the need's name, so the reason stays searchable.
+WHY_MISSING = {
+    "labels": "needs labels: the model was called without labels and no label tensor was found",
+    "tokenizer": "needs a tokenizer: none was found, so EOS and pad tokens are unknown "
+                 "(pass processing_class= to the Trainer or a tokenizer to sftdoctor.attach)",
+    "logits_grad": "needs logits_grad: no gradient reached the logits in this step (no backward yet, or the loss "
+                   "did not use the logits this hook saw)",
+    "forward_stats": "needs forward_stats: no logits were observed in this step",
+    "backward": "needs backward: no backward was observed in this step",
+    "position_ids": "needs position_ids: the batch has none (positions are implicit)",
+    "attention_mask": "needs attention_mask: the batch has none",
+    "examples": "needs examples: the raw text examples were not available (the batch came tokenized)",
+    "checkpoint": "needs a checkpoint: none was saved or given",
+    "step": "needs step: no training step was observed",
+    "run": "needs run: no run history",
+    "batch": "needs batch: no batch was observed",
+}
 
 
 @dataclass(frozen=True)
@@ -47,13 +68,14 @@ def run_probes(
             continue
         missing = [n for n in probe.needs if not ctx.has(n)]
         if missing:
-            checks.extend(CheckResult(i, "skipped", f"needs {', '.join(missing)}", probe.level) for i in probe.ids)
+            reason = "; ".join(ctx.hints.get(f"why_no_{n}") or WHY_MISSING.get(n, f"needs {n}") for n in missing)
+            checks.extend(CheckResult(i, "skipped", reason, probe.level) for i in probe.ids)
             continue
         try:
             got = list(probe.check(ctx) or [])
         except Exception as e:  # a probe never aborts the run
             checks.extend(
-                CheckResult(i, "skipped", f"probe error: {type(e).__name__}: {e}", probe.level) for i in probe.ids
+                CheckResult(i, "skipped", f"{PROBE_ERROR} {type(e).__name__}: {e}", probe.level) for i in probe.ids
             )
             continue
         for f in got:

@@ -104,6 +104,16 @@ def active() -> list[Any]:
     return list(_ACTIVE)
 
 
+def compiling() -> bool:
+    """True while torch.compile (dynamo) traces: our hooks then do nothing, so they never enter a
+    compiled graph (their Python side effects cannot be traced); a compiled model is observed from
+    outside the compiled region instead (see intercept's compile support)."""
+    try:
+        return torch.compiler.is_compiling()
+    except Exception:
+        return False
+
+
 def first_tensor(out: Any) -> torch.Tensor | None:
     """The tensor a module returned (first element of a tuple/list); None for dict-like outputs."""
     if isinstance(out, torch.Tensor):
@@ -154,13 +164,16 @@ class ActivationCollector:
             self.handles.append(mod.register_forward_hook(self._make_hook(name)))
 
     def _remember_output(self, mod, inputs, output):
-        if self.forward_on and isinstance(output, torch.Tensor):
-            self.output_ref = weakref.ref(output)
+        # every training forward (not only sampled ones): the grad hook may have to sit on it. A
+        # strong reference (a wrapper may drop the tensor object before the model's forward hook
+        # runs); the Doctor takes it at the end of the same forward (invariant: held one forward at most)
+        if isinstance(output, torch.Tensor) and torch.is_grad_enabled() and not compiling():
+            self.output_ref = output
         return None
 
     def _make_hook(self, name: str) -> Callable:
         def hook(mod, inputs, output):
-            if not self.forward_on:
+            if compiling() or not self.forward_on:  # compiling() first: a traced hook reads no attribute (no guard)
                 return None
             t = first_tensor(output)
             if t is None or not t.is_floating_point() or t.numel() == 0:
@@ -177,7 +190,7 @@ class ActivationCollector:
     def _make_grad_hook(self, name: str) -> Callable:
         def grad_hook(grad):
             # autograd hook: record only, never raise into the user's backward
-            if self.backward_on and grad is not None and grad.numel():
+            if not compiling() and self.backward_on and grad is not None and grad.numel():
                 with torch.no_grad():
                     mn, mx = torch.aminmax(grad.detach())
                     self.backward.append((name, grad.dtype, torch.maximum(mx.float(), -mn.float())))

@@ -54,8 +54,14 @@ class ForwardCatcher:
     def install(self, patches: Patches) -> None:
         from transformers import PreTrainedModel
 
+        import torch
+
         module_call = inherited(PreTrainedModel, "__call__")
         catcher = self
+        # torch.compile: a compiled model calls model.__call__ (this function) under dynamo. Dynamo must
+        # skip THIS frame (as it skips nn.Module.__call__) but still compile the model's forward below
+        # it (recursive=False), and must never trace what sftdoctor does (on_forward: disabled).
+        on_forward = _eager(lambda *a: catcher.on_forward(*a))
 
         def __call__(model, *args, **kwargs):
             if catcher.busy or catcher.depth or not is_causal_lm(model):
@@ -64,14 +70,41 @@ class ForwardCatcher:
             try:
                 catcher.busy = True
                 try:
-                    catcher.on_forward(model, args, kwargs, sys._getframe(1))
+                    on_forward(model, args, kwargs, _caller_frame())
                 finally:
                     catcher.busy = False
                 return module_call(model, *args, **kwargs)
             finally:
                 catcher.depth -= 1
 
+        try:
+            __call__ = torch.compiler.disable(__call__, recursive=False)
+        except Exception:  # an older torch without recursive=False: plain function
+            pass
         patches.set(PreTrainedModel, "__call__", __call__)
+
+
+def _caller_frame() -> FrameType:
+    """The frame that called the model: the first one above the catcher outside torch's dynamo
+    wrappers (torch.compiler.disable adds a frame of its own)."""
+    import os
+
+    frame = sys._getframe(2)
+    while frame.f_back is not None and (f"{os.sep}torch{os.sep}_dynamo{os.sep}" in frame.f_code.co_filename
+                                        or f"{os.sep}torch{os.sep}compiler{os.sep}" in frame.f_code.co_filename):
+        frame = frame.f_back
+    return frame
+
+
+def _eager(fn: Callable) -> Callable:
+    """fn, never traced by torch.compile (it runs eagerly even when called from a compiled region's
+    surroundings); fn itself where torch.compiler.disable is unavailable."""
+    try:
+        import torch
+
+        return torch.compiler.disable(fn)
+    except Exception:
+        return fn
 
 
 def capture(model: Any, args: tuple, kwargs: dict, frame: FrameType) -> Forward:
@@ -124,6 +157,25 @@ def complete_batch(forward: Forward) -> tuple[dict[str, Any], str]:
                 return batch, f"{name} in {frame.f_code.co_name}()"
         frame, depth = frame.f_back, depth + 1
     return batch, "none"
+
+
+def _downgrade_guessed(report: Any, labels_from: str) -> None:
+    """The model got no labels: the tensor found in the caller (labels_from) is a GUESS at what the
+    loss uses, and inspect-batch stops before the loss runs, so no gradient can confirm it. A fail
+    read from that guess is downgraded to a warn that says so (watch measures it instead)."""
+    from .probes import BATCH
+
+    label_ids = {i for p in BATCH if "labels" in p.needs for i in p.ids}
+    for f in report.findings:
+        if f.id in label_ids and f.level == "batch" and f.severity == "fail":
+            f.severity = "warn"
+            f.evidence["labels_guessed_from"] = labels_from
+            f.message += (f" [read from {labels_from}, a guess: the model was called without labels; "
+                          "`sftdoctor watch` measures what the loss trains on from d loss / d logits]")
+    report.record_checks([])  # statuses below follow the findings
+    for c in report.checks:
+        if c.id in label_ids and c.status == "fail" and not any(f.id == c.id and f.severity == "fail" for f in report.findings):
+            c.status = "warn"
 
 
 def probe_ready(batch: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -180,6 +232,26 @@ def _tokenizer_in(value: Any, depth: int = 0) -> Any:
             if found is not None:
                 return found
     return None
+
+
+def trainer_tokenizer(trainer: Any, script_globals: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """The tokenizer a Trainer's batches were made with, and where it was found: processing_class,
+    else the data collator's, else the train dataset's, else the script's globals. (None, "") when
+    there is none: the EOS checks then say they did not run."""
+    for where, value in (("processing_class", getattr(trainer, "processing_class", None)),
+                         ("data_collator", getattr(trainer, "data_collator", None)),
+                         ("train_dataset", getattr(trainer, "train_dataset", None))):
+        try:
+            found = _tokenizer_in(value)
+        except Exception:
+            found = None
+        if found is not None:
+            return found, where
+    for value in list((script_globals or {}).values()):
+        found = _tokenizer_in(value)
+        if found is not None:
+            return found, "the script's globals"
+    return None, ""
 
 
 def find_tokenizer(frame: FrameType | None, script_globals: Mapping[str, Any] | None = None) -> Any:
@@ -273,6 +345,8 @@ def inspect_script(script: str | None, script_args: list[str], *, module: str | 
                             "(inputs_embeds?); save the batch dict and use inspect-batch --batch FILE")
         batch, dropped = probe_ready(batch)
         report = inspect_batch(batch, tokenizer, fw.model, hints=hints, ignore=ignore)
+        if labels_from not in ("forward", "none"):
+            _downgrade_guessed(report, labels_from)
         report.run.update(forward={"caller": fw.caller, "model": type(fw.model).__name__, "labels_from": labels_from,
                                    "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
                                    "grad_enabled": grad_enabled})

@@ -27,8 +27,12 @@ def fmt(x: Any) -> str:
 
 
 def step_text(row: dict[str, Any], optimizer_steps: int) -> str:
-    parts = [f"step {row.get('step')}", f"opt {optimizer_steps}", f"loss {fmt(row.get('loss'))}",
-             f"grad_norm {fmt(row.get('grad_norm'))}"]
+    loss = f"loss {fmt(row.get('loss'))}"
+    if row.get("accum_micro", 1) > 1:
+        # gradient accumulation with the script's own loss: the sum of what it gave .backward() since the
+        # last optimizer step, i.e. the optimizer-step loss a `logged += loss.item()` loop prints
+        loss = f"loss {fmt(row.get('accum_loss'))} (step, {row['accum_micro']} micro-batches)"
+    parts = [f"step {row.get('step')}", f"opt {optimizer_steps}", loss, f"grad_norm {fmt(row.get('grad_norm'))}"]
     if row.get("loss_scale") is not None:
         parts.append(f"scale {fmt(row.get('loss_scale'))}")
     if row.get("lr") is not None:
@@ -52,6 +56,7 @@ class LiveView:
         self._console = None
         self._last_refresh = 0.0
         self._last_row: dict[str, Any] | None = None
+        self._group: list = [None, 0.0, 0]  # [optimizer step, sum of backward losses, micro-steps] (see _accumulate)
         if not self.plain:
             from rich.console import Console
 
@@ -64,6 +69,7 @@ class LiveView:
     def step(self, row: dict[str, Any], optimizer_steps: int) -> None:
         if self.quiet or not self.show_steps:
             return
+        row = self._accumulate(row, optimizer_steps)
         self._last_row = row
         loss = row.get("loss")
         bad = isinstance(loss, float) and not math.isfinite(loss)
@@ -75,6 +81,18 @@ class LiveView:
         if now - self._last_refresh >= REFRESH_SECONDS or row.get("full") or bad:
             self._last_refresh = now
             self._status(row, optimizer_steps)
+
+    def _accumulate(self, row: dict[str, Any], optimizer_steps: int) -> dict[str, Any]:
+        """Sum the losses given to .backward() over the micro-steps of one optimizer step, when the
+        loss is the script's own (the model returned none): under accumulation each is loss / N."""
+        if optimizer_steps != self._group[0]:
+            self._group = [optimizer_steps, 0.0, 0]
+        b = row.get("backward_loss")
+        if row.get("loss_source") != "backward" or not isinstance(b, (int, float)):
+            return row
+        self._group[1] += float(b)
+        self._group[2] += 1
+        return dict(row, accum_loss=self._group[1], accum_micro=self._group[2])
 
     def finding(self, f: Finding) -> None:
         self.counts[f.severity] = self.counts.get(f.severity, 0) + 1

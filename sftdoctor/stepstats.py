@@ -65,6 +65,7 @@ class StepRecord:
     params: dict[str, Any] | None = None  # trainable / with grad / missing from optimizer (see attach)
     supervised_tokens: int | None = None
     supervised_source: str | None = None  # "labels" | "gradient"
+    empty_rows: int | None = None  # rows with no supervised token (labels passed to the model): a per-row mean is 0/0
     scaler_active: bool = False
     dtypes: dict[str, Any] = field(default_factory=dict)  # param, config, autocast, compute, adam_eps_fp16_zero
     logits_requires_grad: bool | None = None
@@ -85,6 +86,7 @@ class StepRecord:
         """The report.metrics["steps"] row (keys read by the HTML renderer)."""
         return {
             "step": self.step, "optimizer_step": self.optimizer_step, "loss": self.loss,
+            "loss_source": self.loss_source, "backward_loss": self.backward_loss,
             "grad_norm": self.grad_norm, "loss_scale": self.loss_scale, "lr": self.lr,
             "supervised_tokens": self.supervised_tokens, "by_class": self.by_class, "full": self.full,
             **({"raw_loss": self.raw_loss} if self.raw_loss is not None else {}),
@@ -268,8 +270,12 @@ def logits_forward_stats(logits: torch.Tensor, candidates: torch.Tensor | None) 
     }
     out = {k: v.reshape(B, T) for k, v in out.items()}
     if candidates is not None:  # one gather of [N, K] values for all rows, not a pass over the logits
-        cflat = candidates.reshape(N, candidates.shape[-1]).clamp(min=0)
-        out["cand_logit"] = flat.gather(-1, cflat).float().reshape(B, T, cflat.shape[-1])
+        # an id the logits have no column for (a pad id added to the tokenizer, embeddings not resized
+        # (yet)) reads column 0 and is marked NaN: never an out-of-bounds gather
+        cflat = candidates.reshape(N, candidates.shape[-1])
+        outside = (cflat < 0) | (cflat >= V)
+        got = flat.gather(-1, cflat.masked_fill(outside, 0)).float()
+        out["cand_logit"] = got.masked_fill(outside, float("nan")).reshape(B, T, cflat.shape[-1])
     return out
 
 

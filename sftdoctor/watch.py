@@ -17,10 +17,11 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from . import distributed
+from . import distributed, internal
+from .attach import STEP_CHECKS
 from .findings import CheckResult, Finding
 from .intercept import (ForwardCatcher, running_main_globals, capture, close_progress_bars, complete_batch, find_in_frames,
-                        find_tokenizer, probe_ready, trainer_hints)
+                        find_tokenizer, probe_ready, trainer_hints, trainer_tokenizer)
 from .live import LiveView
 from .report import Report
 from .runner import Patches, StopScript, print_user_traceback, resolve_script, run_script
@@ -67,6 +68,7 @@ class Watcher:
         self._step_hook = None
         self._trainers: list[Any] = []
         self._batches: Any = None  # BatchStream: cheap batch checks on every training batch
+        self._deferred: dict[str, Any] | None = None  # label checks waiting for the gradient (see _resolve_labels)
 
     # ---- running -------------------------------------------------------------------------------
     def run(self, script: str | None, args: list[str], *, module: str | None = None) -> Report:
@@ -85,7 +87,7 @@ class Watcher:
             try:
                 self.finish()
             except Exception as e:  # never lose the restore below to a failure of ours
-                self.report.run.setdefault("internal_errors", []).append(f"{type(e).__name__}: {e}")
+                internal.add(self.report, internal.entry("building the report", e))
             finally:
                 self.uninstall()
                 self.view.close()
@@ -122,7 +124,7 @@ class Watcher:
                 try:
                     watcher._attach_trainer(trainer)
                 except Exception as e:  # e.g. a model_init Trainer: attached at its first forward instead
-                    watcher.report.run.setdefault("internal_errors", []).append(f"attach(trainer): {type(e).__name__}: {e}")
+                    internal.add(watcher.report, internal.entry("attaching to the Trainer", e, STEP_CHECKS))
                 return original_train(trainer, *args, **kwargs)
 
             self._patches.set(Trainer, "train", train)
@@ -138,7 +140,7 @@ class Watcher:
                 try:
                     watcher._check_saved(obj, None, where)
                 except Exception as e:
-                    watcher.report.run.setdefault("internal_errors", []).append(f"torch.save: {type(e).__name__}: {e}")
+                    internal.add(watcher.report, internal.entry("checking a torch.save", e, CHECKPOINT_IDS[:1]))
             return result
 
         self._patches.set(torch, "save", save)
@@ -178,7 +180,8 @@ class Watcher:
                 try:
                     after(obj, args, kwargs, result)
                 except Exception as e:  # a check of ours failing must not fail the user's save
-                    watcher.report.run.setdefault("internal_errors", []).append(f"{name}: {type(e).__name__}: {e}")
+                    internal.add(watcher.report, internal.entry(
+                        f"checking {name}", e, CHECKPOINT_IDS if name == "save_pretrained" else GENERATION_IDS))
             return result
 
         patched.__wrapped__ = original
@@ -206,7 +209,10 @@ class Watcher:
             except StopScript:
                 raise
             except Exception as e:  # sftdoctor's own failure must never break the user's training
-                self.report.run.setdefault("internal_errors", []).append(f"{type(e).__name__}: {e}")
+                from .probes import BATCH
+
+                internal.add(self.report, internal.entry("the first training forward (batch checks, attach)", e,
+                                                         [i for p in BATCH for i in p.ids]))
         self._every_batch(model, args, kwargs)
 
     def _every_batch(self, model, args, kwargs) -> None:
@@ -222,7 +228,9 @@ class Watcher:
 
             self._batches.observe(bind_batch(model, args, kwargs))
         except Exception as e:  # ours: never breaks the user's training
-            self.report.run.setdefault("internal_errors", []).append(f"every-batch checks: {type(e).__name__}: {e}")
+            from .probes import BATCH
+
+            internal.add(self.report, internal.entry("the every-batch checks", e, [i for p in BATCH for i in p.ids]))
 
     def _first_forward_of(self, model, args, kwargs, frame) -> None:
         script_globals = self._script_ns.get("globals") or running_main_globals()
@@ -250,8 +258,18 @@ class Watcher:
             self._batch_done = True
             return
         batch, dropped = probe_ready(batch)
+        model_info = ModelInfo.from_model(fw.model)
+        if labels_from != "forward" and self.options.step_probes and id(fw.model) in self._attached:
+            # The model got no labels: which tensor the loss uses is a guess. The label checks wait for
+            # the first measured d loss / d logits (what the loss trained on) and run on that instead.
+            guessed = {k: batch.pop(k) for k in ("labels", "loss_mask") if k in batch}
+            self._deferred = {"batch": {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()},
+                              "guessed": {k: v.detach().cpu() for k, v in guessed.items()}, "labels_from": labels_from,
+                              "hints": dict(hints), "model_info": model_info}
+            hints = dict(hints, why_no_labels="needs labels: the model was called without labels; the label checks run on "
+                                              "the labels the gradient shows the loss used, once a backward is seen")
         # ModelInfo, not the model: the step probes run on the real steps (attach), not on a copy
-        first = inspect_batch(batch, self._tokenizer, ModelInfo.from_model(fw.model), hints=hints,
+        first = inspect_batch(batch, self._tokenizer, model_info, hints=hints,
                               ignore=self.options.ignore, command="watch")
         for f in first.findings:
             f.rank = self.rank
@@ -282,7 +300,11 @@ class Watcher:
             self._trainers.append(trainer)
         if id(trainer.model) in self._attached or not self.options.step_probes:
             return
-        tokenizer = getattr(trainer, "processing_class", None) or self._tokenizer
+        tokenizer, where = trainer_tokenizer(trainer, self._script_ns.get("globals") or running_main_globals())
+        if tokenizer is None:
+            tokenizer = self._tokenizer
+        elif where != "processing_class":
+            self.report.run["tokenizer_from"] = where  # the Trainer had no processing_class
         if self._tokenizer is None:
             self._tokenizer = tokenizer
         self._attach(trainer.model, tokenizer, trainer=trainer)
@@ -293,6 +315,67 @@ class Watcher:
 
     def _on_step(self, row: dict[str, Any]) -> None:
         self.view.step(row, self.optimizer_steps)
+        if self._deferred is not None and any(d.gradient_labels is not None for d in self.doctors):
+            self._resolve_labels()
+
+    def _resolve_labels(self) -> None:
+        """Run the deferred label checks: on the labels the gradient measured when a full step has
+        one (the guess, if any, is confirmed or withdrawn), else on the guessed labels, said so."""
+        from . import internal
+        from .api import inspect_batch
+        from .context import IGNORE_INDEX, Batch
+
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
+            return
+        grad = next((d.gradient_labels for d in self.doctors if d.gradient_labels is not None), None)
+        evidence: dict[str, Any] = {"guessed_from": deferred["labels_from"] if deferred["guessed"] else None}
+        try:
+            guess = None
+            if deferred["guessed"]:
+                gb = Batch.from_mapping({**deferred["batch"], **deferred["guessed"]})
+                guess = gb.labels
+            if grad is not None:
+                gbatch, labels = grad
+                batch = {"input_ids": gbatch.input_ids, "labels": labels}
+                if gbatch.attention_mask is not None:
+                    batch["attention_mask"] = gbatch.attention_mask
+                evidence["decided_by"] = "gradient: the effective targets of d loss / d logits (what the loss trained on)"
+                if guess is not None and tuple(guess.shape) == tuple(labels.shape):
+                    sup = (guess != IGNORE_INDEX) | (labels != IGNORE_INDEX)
+                    agree = float(((guess == labels) & sup).sum()) / max(int(sup.sum()), 1)
+                    evidence["agreement"] = round(agree, 4)
+                    evidence["guess"] = "confirmed" if agree >= 0.9 else "withdrawn"
+                    if agree < 0.9:
+                        self.view.note(f"the labels found in {deferred['labels_from']} are not what the loss trains on "
+                                       f"(they agree with the gradient on {agree:.0%} of positions): the label checks use "
+                                       "what the gradient measured instead")
+            elif deferred["guessed"]:
+                batch = {**deferred["batch"], **deferred["guessed"]}
+                evidence["decided_by"] = ("guess: no backward reached the logits, so the labels found in "
+                                          f"{deferred['labels_from']} could not be checked against the gradient")
+            else:
+                self.report.run["labels_evidence"] = dict(evidence, decided_by="none: no labels and no gradient")
+                return
+            hints = dict(deferred["hints"], labels_evidence=evidence["decided_by"])
+            part = inspect_batch(batch, self._tokenizer, deferred["model_info"], hints=hints,
+                                 ignore=self.options.ignore, command="watch")
+        except Exception as e:
+            from .probes import BATCH
+
+            internal.add(self.report, internal.entry("the label checks on the measured labels", e,
+                                                     [i for p in BATCH if "labels" in p.needs for i in p.ids]))
+            return
+        self.report.run["labels_evidence"] = evidence
+        label_ids = {i for p in _batch_probes() if "labels" in p.needs for i in p.ids}
+        found = [f for f in part.findings if f.id in label_ids]
+        for f in found:
+            f.rank = self.rank
+            f.evidence.setdefault("labels_from", "gradient" if grad is not None else deferred["labels_from"])
+        self.report.record_checks(c for c in part.checks if c.id in label_ids)
+        if grad is not None and part.samples:
+            self.report.samples = part.samples
+        self._add(found)
 
     def _add(self, findings: Iterable[Finding]) -> None:
         new = self.report.add(findings)
@@ -323,7 +406,8 @@ class Watcher:
         self._saving = True
         try:
             found = check_state_dict(state, config)
-        except Exception:
+        except Exception as e:
+            internal.add(self.report, internal.entry(f"checking the weights saved to {where}", e, CHECKPOINT_IDS))
             return
         finally:
             self._saving = False
@@ -353,7 +437,8 @@ class Watcher:
             nonfinite = self._logits_nonfinite(model, prompts, kwargs.get("attention_mask"))
             found = check_generation_outputs(prompts.tolist(), sequences.tolist(), info, max_new_tokens=max_new,
                                              logits_nonfinite=nonfinite, training=self._training_evidence())
-        except Exception:
+        except Exception as e:
+            internal.add(self.report, internal.entry("checking model.generate outputs", e, GENERATION_IDS))
             return
         finally:
             self._saving = False
@@ -416,8 +501,12 @@ class Watcher:
             try:
                 doctor.detach()  # observes a micro-step still pending (e.g. the script died in backward)
                 part = doctor.report()
-            except Exception:
+            except Exception as e:
+                internal.add(self.report, internal.entry("collecting the step probes' report", e, STEP_CHECKS))
                 continue
+            for e in part.metrics.get("internal_errors") or []:
+                if isinstance(e, dict):
+                    internal.add(self.report, e)
             new = self.report.add(part.findings)
             for f in new:
                 self.view.finding(f)
@@ -428,6 +517,8 @@ class Watcher:
                 self.report.metrics.setdefault(k, v)
             if not self.report.samples and part.samples:
                 self.report.samples = part.samples
+        if self._deferred is not None:
+            self._resolve_labels()
         for trainer in self._trainers:
             close_progress_bars(trainer)
         if self._batches is not None:
@@ -435,6 +526,12 @@ class Watcher:
         self.report.metrics["optimizer_steps"] = max(self.optimizer_steps, self.report.metrics.get("optimizer_steps") or 0)
         if not self._batch_done:
             self.report.run["note"] = "no training forward of a causal LM was seen"
+
+
+def _batch_probes():
+    from .probes import BATCH
+
+    return BATCH
 
 
 def _status(found: list[Finding], finding_id: str) -> str:
