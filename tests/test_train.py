@@ -1,6 +1,6 @@
 """`sftdoctor train`: the recipe, its pipeline, preflight + --fix, evaluation, resume, torchrun.
 
-    cd /work/main && /work/venv/bin/python -m pytest tests/test_train.py -q -x
+    .venv/bin/python -m pytest tests/test_train.py -q -x          # from the repository root
 
 Every run trains a real (tiny, random-init) Qwen2-architecture model with HF Trainer on the CPU.
 """
