@@ -34,6 +34,48 @@ def check_output_paths(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} {path} exists and is not an sftdoctor report; choose another path or remove it first")
 
 
+DEFAULT_REPORT = "sftdoctor-report.json"  # like coverage's .coverage: a known file in the current folder
+
+
+def is_report_file(path: str) -> bool:
+    """An sftdoctor JSON report, recognised by its `schema` field (not by a word in the file)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get("schema", "")).startswith("sftdoctor.report/")
+
+
+def use_default_report(args: argparse.Namespace) -> None:
+    """With no --json, the report goes to ./sftdoctor-report.json, decided before any work: an
+    earlier sftdoctor report there is replaced, any other file is left alone (and we say so)."""
+    if getattr(args, "json", None):
+        return
+    path = os.path.abspath(DEFAULT_REPORT)
+    if os.path.lexists(path) and not (os.path.isfile(path) and is_report_file(path)):
+        print(f"sftdoctor: note: {DEFAULT_REPORT} exists and is not an sftdoctor report; leaving it alone, "
+              f"so no JSON report is written (pass --json PATH to write one)", file=sys.stderr)
+        return
+    if not os.access(os.path.dirname(path), os.W_OK):
+        print(f"sftdoctor: note: cannot write {DEFAULT_REPORT} in this folder; pass --json PATH to keep the report", file=sys.stderr)
+        return
+    args.json = path
+    args.json_shown = DEFAULT_REPORT
+
+
+def say_where(args: argparse.Namespace) -> None:
+    """One line per file written, after the console report."""
+    written = [(getattr(args, "json_shown", None) or args.json, "json")] if getattr(args, "json", None) else []
+    if getattr(args, "html", None):
+        written.append((args.html, "html"))
+    for path, kind in written:
+        hint = f"  (re-render: sftdoctor report {path} --html report.html)" if kind == "json" else ""
+        print(f"report: {path}{hint}")
+
+
 def write_outputs(report: Report, args: argparse.Namespace) -> None:
     if getattr(args, "json", None):
         report.save(args.json)
@@ -59,6 +101,7 @@ def finish(report: Report, args: argparse.Namespace, *, show: bool = True) -> in
     if show:
         try:
             print_report(report, args)
+            say_where(args)
             sys.stdout.flush()
         except BrokenPipeError:
             pass
