@@ -163,11 +163,19 @@ def run_command(cmd: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=TIMEOUT, stdin=subprocess.DEVNULL)
 
 
-BLOCKS = bash_blocks(README.read_text(encoding="utf-8"))
+def block_id(text: str, start: int) -> str:
+    """The section a block sits in, as a test id: `-k inspect-batch` selects its block."""
+    heading = next((ln for ln in reversed(text.splitlines()[:start]) if ln.startswith("#")), "top")
+    named = re.search(r"`sftdoctor ([\w-]+)", heading)
+    return named.group(1) if named else re.sub(r"[^a-z0-9]+", "-", heading.lstrip("#").strip().lower()).strip("-")
+
+
+TEXT = README.read_text(encoding="utf-8")
+BLOCKS = bash_blocks(TEXT)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("start,cmds", BLOCKS, ids=[f"README-line-{s}" for s, _ in BLOCKS])
+@pytest.mark.parametrize("start,cmds", BLOCKS, ids=[block_id(TEXT, s) for s, _ in BLOCKS])
 def test_readme_block_runs_as_written(start, cmds, tmp_path):
     cwd = fresh_copy(tmp_path)
     skipped, ran = [], 0
