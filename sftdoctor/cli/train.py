@@ -26,10 +26,6 @@ it learns the answer format of real GSM8K but cannot solve its problems; use a p
 
 exit code: 0 trained (or --dry-run passed), 1 preflight or a probe found a failure, 2 bad input."""
 
-TINY_ON_REAL_DATA = ("the tiny default model is random-init (about 1M parameters): it can learn GSM8K's answer "
-                     "format, but it cannot solve GSM8K problems (expect an exact match near 0%). For a real result "
-                     "run a pretrained model on a GPU: sftdoctor train --model Qwen/Qwen2.5-0.5B --data openai/gsm8k "
-                     "--eval-limit 0; on the CPU, the default synthetic problems show the recipe working: sftdoctor train --fix")
 
 
 def add_parser(sub) -> None:
@@ -69,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
         from ..errors import UserError
 
         raise UserError("--resume needs --output-dir (the run to continue)")
-    if tiny_on_real_data(recipe) and is_main():
-        print(f"note: {TINY_ON_REAL_DATA}", file=sys.stderr)  # before the long part, not after it
     report, out = run_training(recipe, fix=args.fix, resume=args.resume, overwrite=args.overwrite,
                                ignore=ignored_ids(args.ignore), show_progress=not args.no_progress,
                                dry_run=args.dry_run)
@@ -114,6 +108,8 @@ def what_next(report, out: Path, args: argparse.Namespace, recipe) -> list[str]:
                   f"    format      {ev['format_rate']:.1%}: the answer ends with a '#### N' line, then the end token",
                   f"    stop        {ev['stop_rate']:.1%}: generation ended with the end token within the budget"]
         if tiny_on_real_data(recipe):
+            from ..train.pipeline import TINY_ON_REAL_DATA  # printed as a note before training too
+
             lines.append(f"  note: {TINY_ON_REAL_DATA}")
         elif ev.get("accuracy", 0) < 0.5 and recipe.model == "tiny":
             lines.append("  a low exact match from the tiny model means it is undertrained: more steps (drop --max-steps, "
