@@ -108,6 +108,8 @@ def skip_reason(cmd: str, cwd: Path) -> str | None:
 
 
 def expected_codes(cmd: str) -> set[int]:
+    if " ".join(words(cmd)) == "sftdoctor train --fix":  # the main job on its defaults: trains, no fail
+        return {0}
     for piece, codes in EXPECTED:
         if piece in cmd:
             return codes
