@@ -85,7 +85,8 @@ def what_next(report, out: Path, args: argparse.Namespace, recipe) -> list[str]:
     if status == "refused":
         lines += ["  nothing was trained: preflight found the failures above.",
                   "  fix them in your pipeline, or rerun the same command with --fix to apply each remedy:",
-                  f"    {_command(args, extra=['--fix'])}"]
+                  # the refused run left its report in --output-dir: rerunning there needs --overwrite
+                  f"    {_command(args, extra=['--fix'] + (['--overwrite'] if recipe.output_dir else []))}"]
         return lines
     if status == "dry-run":
         lines += ["  preflight passed; rerun without --dry-run to train:", f"    {_command(args, drop=['--dry-run'])}"]
