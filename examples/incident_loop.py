@@ -22,7 +22,8 @@ SHARED = Path(os.environ.get("SFTDOCTOR_SHARED", Path(__file__).resolve().parent
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--batch-size", type=int, default=4)
-parser.add_argument("--out", default=None, help="save the fine-tuned model here")
+parser.add_argument("--out", "--output-dir", dest="out", default=None, help="save the fine-tuned model here")
+parser.add_argument("--save-batch", default=None, help="torch.save the first batch here (for sftdoctor inspect-batch --batch)")
 args = parser.parse_args()
 
 with open(SHARED / "data" / "gsm8k" / "train.jsonl") as f:
@@ -55,6 +56,8 @@ model.train()
 for step, batch in enumerate(loader):
     if step == args.steps:
         break
+    if step == 0 and args.save_batch:
+        torch.save(batch, args.save_batch)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["loss_mask"], labels=batch["labels"])
     out.loss.backward()
     optimizer.step()

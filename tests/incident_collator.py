@@ -1,32 +1,11 @@
-"""The motivating incident's batch code, as a user collator for `sftdoctor train --collator`.
+"""Test fixture: the incident collator shipped in examples/incident_collator.py, importable as
+`incident_collator:collate` from this folder (tests/test_train.py puts it on sys.path)."""
+import importlib.util
+from pathlib import Path
 
-    sftdoctor train --model DIR --collator incident_collator:collate --dtype fp16
-
-Two bugs from the hand-written loop (kept on purpose, this is a test fixture):
-- labels are input_ids padded with 0 instead of -100 (id 0 is `!` in Qwen/GPT-2 vocabularies),
-  so padding becomes a training target;
-- the loss mask (1 on answer tokens) is returned as attention_mask, so the answer cannot see
-  the question.
-"""
-from __future__ import annotations
-
-import torch
-
-PAD = 0  # the incident padded everything with 0
-
-
-def collate(features: list[dict]) -> dict[str, torch.Tensor]:
-    width = max(len(f["input_ids"]) for f in features)
-    input_ids, labels, loss_mask = [], [], []
-    for f in features:
-        ids = list(f["input_ids"])
-        pad = width - len(ids)
-        input_ids.append(ids + [PAD] * pad)
-        labels.append(ids + [PAD] * pad)  # BUG: padded labels are 0, not -100
-        answer = len(ids) - f["prompt_length"]
-        loss_mask.append([0] * f["prompt_length"] + [1] * answer + [0] * pad)
-    return {
-        "input_ids": torch.tensor(input_ids),
-        "labels": torch.tensor(labels),
-        "attention_mask": torch.tensor(loss_mask),  # BUG: the loss mask passed as attention_mask
-    }
+_path = Path(__file__).resolve().parents[1] / "examples" / "incident_collator.py"
+_spec = importlib.util.spec_from_file_location("_examples_incident_collator", _path)
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+collate = _module.collate
+PAD = _module.PAD

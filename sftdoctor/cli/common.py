@@ -65,6 +65,36 @@ def check_output_paths(args: argparse.Namespace) -> None:
         check_output_dir(output_dir)
 
 
+DEFAULT_REPORT = "sftdoctor-report.json"  # like coverage's .coverage: a known file in the current folder
+
+
+def use_default_report(args: argparse.Namespace) -> None:
+    """With no --json, the report goes to ./sftdoctor-report.json, decided before any work: an
+    earlier sftdoctor report there is replaced, any other file is left alone (and we say so)."""
+    if getattr(args, "json", None):
+        return
+    path = os.path.abspath(DEFAULT_REPORT)
+    if os.path.lexists(path) and not (os.path.isfile(path) and is_report_file(path)):
+        print(f"sftdoctor: note: {DEFAULT_REPORT} exists and is not an sftdoctor report; leaving it alone, "
+              f"so no JSON report is written (pass --json PATH to write one)", file=sys.stderr)
+        return
+    if not os.access(os.path.dirname(path), os.W_OK):
+        print(f"sftdoctor: note: cannot write {DEFAULT_REPORT} in this folder; pass --json PATH to keep the report", file=sys.stderr)
+        return
+    args.json = path
+    args.json_shown = DEFAULT_REPORT
+
+
+def say_where(args: argparse.Namespace) -> None:
+    """One line per file written, after the console report."""
+    written = [(getattr(args, "json_shown", None) or args.json, "json")] if getattr(args, "json", None) else []
+    if getattr(args, "html", None):
+        written.append((args.html, "html"))
+    for path, kind in written:
+        hint = f"  (re-render: sftdoctor report {path} --html report.html)" if kind == "json" else ""
+        print(f"report: {path}{hint}")
+
+
 def write_outputs(report: Report, args: argparse.Namespace) -> list[tuple[str, str, OSError]]:
     """Write --json/--html; returns the writes that failed (flag, path, error), e.g. a full disk."""
     failed = []
@@ -124,6 +154,7 @@ def finish(report: Report, args: argparse.Namespace, *, show: bool = True) -> in
     if show or failed:
         try:
             print_report(report, args)
+            say_where(args)
             sys.stdout.flush()
         except BrokenPipeError:
             pass

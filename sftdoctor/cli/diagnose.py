@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..dtypes import long_name
 from .common import add_output_options, finish
 
 
@@ -24,8 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-format", metavar="TEXT",
                    help="how a question becomes a prompt: a format with {question} (default 'Question: {question}\\nAnswer:'), or 'chat' for the chat template")
     p.add_argument("--tokenizer", metavar="DIR_OR_ID", help="tokenizer to use when the model folder has none")
-    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
-                   help="the dtype the model is served in (default auto: the stored dtype); float32 is always checked too")
+    p.add_argument("--dtype", type=long_name, choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                   help="the dtype the model is served in (default auto: the stored dtype; fp32/fp16/bf16 are accepted too); float32 is always checked too")
     p.add_argument("--attn-implementation", choices=["eager", "sdpa"], metavar="{eager,sdpa}",
                    help="attention kernel as your serving stack runs it (fp16 overflow of Q.K^T shows under eager; default: transformers' choice)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="greedy tokens per prompt (default 64)")

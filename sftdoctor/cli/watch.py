@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_output_options, finish
+from .common import add_output_options, finish, use_default_report
 
 EPILOG = """examples:
   sftdoctor watch train.py --lr 1e-5               your script, its own arguments after it
@@ -12,9 +12,13 @@ EPILOG = """examples:
   sftdoctor watch --max-steps 20 -m mypkg.train
   torchrun --nproc_per_node 2 -m sftdoctor watch train.py   one merged report (rank 0 writes it)
 
-exit code: the script's own when it failed (exception 1, sys.exit(n) n, Ctrl-C 130, SIGTERM under
-torchrun 143), else 1 when a fail finding was found, else 0. Several ranks: rank 0 exits with the
-first failing rank's code (docs/distributed.md)."""
+the JSON report goes to --json PATH, else to ./sftdoctor-report.json (an earlier sftdoctor report
+there is replaced; any other file of that name is left alone); `sftdoctor report
+sftdoctor-report.json --html out.html` renders it again.
+
+exit code: the script's own when it failed (exception 1, sys.exit(n) n, Ctrl-C 130, SIGTERM 143),
+else 1 when a fail finding was found, 3 when nothing could be checked (inconclusive), else 0.
+Several ranks: rank 0 exits with the first failing rank's code (docs/distributed.md)."""
 
 
 def add_parser(sub) -> None:
@@ -56,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < (1 if name == "max_steps" else 0):
             raise UserError(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'max_steps' else '>= 0'}, got {value}")
+    use_default_report(args)  # before the script runs: where the report goes is settled up front
     options = WatchOptions(every=args.every, full_steps=args.full_steps, fail_fast=args.fail_fast,
                            max_steps=args.max_steps, ignore=frozenset(ignored_ids(args.ignore)),
                            max_length=args.max_length)

@@ -19,6 +19,10 @@ from .data import load_rows
 from .recipe import Recipe
 
 
+TINY_ON_REAL_DATA = ("the tiny default model is random-init (about 1M parameters): it can learn GSM8K's answer "
+                     "format, but it cannot solve GSM8K problems (expect an exact match near 0%). For a real result "
+                     "run a pretrained model on a GPU: sftdoctor train --model Qwen/Qwen2.5-0.5B --data openai/gsm8k "
+                     "--eval-limit 0; on the CPU, the default synthetic problems show the recipe working: sftdoctor train --fix")
 TINY_LR = 3e-3
 PRETRAINED_LR = 1e-5  # full fine-tuning of a ~0.5B model
 
@@ -201,6 +205,8 @@ def build_pipeline(recipe: Recipe, *, progress: Any = None, model_and_tokenizer:
                          train_examples=recipe.train_examples, eval_limit=recipe.eval_limit, seed=recipe.seed)
     train_rows, eval_rows, source = rows
     notes: list[str] = []
+    if recipe.model == "tiny" and recipe.data != "synthetic":  # said before the long part, not after it
+        notes.append(TINY_ON_REAL_DATA)
     if model_and_tokenizer is None:
         tokenizer, model, saved_dtype = build_model(recipe, train_rows)
     else:  # a rebuild after --fix: (tokenizer, model, saved dtype) as loaded the first time

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import short_name
 from ..errors import UserError
 
 
@@ -34,13 +35,14 @@ class Recipe:
     # ---- how to train ----------------------------------------------------------------------
     loss_kernel: str = field(default="torch", metadata={"help": "the lean loss's kernel: `torch` (chunked, any device), `liger` (Liger Kernel's fused linear cross-entropy plus its RMSNorm/SwiGLU/RoPE kernels; CUDA with liger-kernel installed)"})
     lean_loss: str = field(default="always", metadata={"help": "the lm_head + cross-entropy in chunks, never the full batch x length x vocabulary logits: `always` (the logit checks run at preflight, not during training), `sampled` (full logits on the steps the probes sample), `off` (the model's own loss)"})
-    dtype: str = field(default="auto", metadata={"help": "`auto` (bf16 on a GPU that supports it, fp32 on the CPU), fp32, bf16, or fp16 (mixed precision with a loss scaler; refused on a bf16 checkpoint)"})
+    dtype: str = field(default="auto", metadata={"help": "`auto` (bf16 on a GPU that supports it, fp32 on the CPU), fp32, bf16, or fp16 (mixed precision with a loss scaler, CUDA only; refused on a bf16 checkpoint); float32/bfloat16/float16 are accepted too"})
     learning_rate: float = field(default=0.0, metadata={"help": "peak learning rate (AdamW); 0: auto, 3e-3 for the tiny random-init model, 1e-5 for a pretrained one"})
     schedule: str = field(default="cosine", metadata={"help": "learning-rate schedule after warmup: cosine, linear or constant"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of the optimizer steps spent warming up"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this"})
     epochs: float = field(default=3.0, metadata={"help": "passes over the training data"})
+    max_steps: int = field(default=0, metadata={"help": "stop after N optimizer steps (0: --epochs decides); a quick look at a long run"})
     batch_size: int = field(default=16, metadata={"help": "rows per micro-batch per process"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (the loss is normalised over all their supervised tokens)"})
     seed: int = field(default=0, metadata={"help": "seed for the model init, the data order and the synthetic problems"})
@@ -88,6 +90,8 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
             g.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
+        if f.name == "dtype":
+            kind = short_name  # both spellings, fp16 and float16, as in `diagnose`
         g.add_argument(_flag(f.name), dest=f.name, type=kind, default=None, metavar=f.name.split("_")[-1].upper(),
                        choices=CHOICES.get(f.name), help=help_text)
 
@@ -153,6 +157,8 @@ def build_recipe(args: argparse.Namespace | None = None, config_path: str | None
             if v is not None:
                 values[name] = v
     values.update(overrides)
+    if isinstance(values.get("dtype"), str):
+        values["dtype"] = short_name(values["dtype"])  # a config file may say float16 too
     for name, allowed in CHOICES.items():
         if name in values and values[name] not in allowed:
             raise UserError(f"{name} must be one of {', '.join(allowed)}, got {values[name]!r}")
@@ -165,6 +171,8 @@ def check_recipe(r: Recipe) -> None:
     for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "tiny_layers", "tiny_hidden", "tiny_vocab"):
         if getattr(r, name) <= 0:
             raise UserError(f"{name} must be positive, got {getattr(r, name)}")
+    if r.max_steps < 0:
+        raise UserError(f"max_steps must be >= 0 (0: --epochs decides), got {r.max_steps}")
     if r.epochs <= 0 or r.learning_rate < 0:
         raise UserError("epochs must be positive and learning_rate positive (or 0 for auto)")
     if not 0 <= r.warmup_ratio < 1:

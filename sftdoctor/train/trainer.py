@@ -70,6 +70,7 @@ def make_trainer(pipe: Pipeline, output_dir: Path, *, on_step: Any, extra_callba
         weight_decay=r.weight_decay,
         max_grad_norm=r.max_grad_norm,  # gradient clipping on the global norm
         num_train_epochs=r.epochs,
+        max_steps=r.max_steps or -1,  # > 0 overrides num_train_epochs (--max-steps)
         logging_steps=1,
         logging_nan_inf_filter=False,  # a NaN loss must be seen, not filtered out of the logs
         save_strategy="steps" if r.save_every else "epoch",
