@@ -73,7 +73,14 @@ def bash_blocks(text: str) -> list[tuple[int, list[str]]]:
 
 
 def words(cmd: str) -> list[str]:
-    return shlex.split(cmd, comments=True)
+    """The command's words; `.venv/bin/X` (the README's opening lines, before activation) reads as X."""
+    w = shlex.split(cmd, comments=True)
+    return [x[len(".venv/bin/"):] if x.startswith(".venv/bin/") else x for x in w]
+
+
+def parts(cmd: str) -> list[str]:
+    """`a && b` runs as a, then b (the README opens with `bash scripts/bootstrap.sh && ...`)."""
+    return [p.strip() for p in cmd.split(" && ")]
 
 
 def hub_ids(cmd: str, cwd: Path) -> list[str]:
@@ -181,7 +188,7 @@ BLOCKS = bash_blocks(TEXT)
 def test_readme_block_runs_as_written(start, cmds, tmp_path):
     cwd = fresh_copy(tmp_path)
     skipped, ran = [], 0
-    for cmd in cmds:
+    for cmd in [p for c in cmds for p in parts(c)]:
         why = skip_reason(cmd, cwd)
         if why is None and "bootstrap.sh" in cmd:
             why = bootstrap_is_noop()
@@ -228,8 +235,12 @@ def check_promises(cmd: str, cwd: Path, result: subprocess.CompletedProcess) -> 
 def test_readme_has_command_blocks_and_every_skip_is_for_a_gpu_or_the_hub(tmp_path):
     assert len(BLOCKS) >= 7
     cmds = [c for _, block in BLOCKS for c in block]
-    for c in cmds:
-        assert not c.startswith(".venv/bin/"), "the README activates .venv once; commands are written bare"
+    opener = BLOCKS[0][1]
+    assert len(opener) == 2 and all(c.startswith("bash scripts/bootstrap.sh && ") for c in opener), opener
+    assert words(parts(opener[0])[1]) == ["sftdoctor", "train", "--fix"]  # the main job on embedded defaults
+    assert words(parts(opener[1])[1])[:3] == ["python", "-m", "pytest"]  # the tests
+    for c in (c for _, block in BLOCKS[1:] for c in block):
+        assert not c.startswith(".venv/bin/"), "after the opening lines the README activates .venv once; commands are written bare"
         why = skip_reason(c, REPO)
         assert why is None or any(k in why for k in ("GPU", "Hub", "test suite")), (c, why)
     # each verb and the set-up are shown runnable here, not only as GPU/Hub lines
