@@ -221,6 +221,8 @@ def _array_of_objects(v: Any, where: str) -> None:
 
 def _check_rendered_shapes(run: dict, metrics: dict) -> None:
     """The shapes of the run/metrics entries that renderers index into (reports/console.py, html.py)."""
+    if "ranks" in run:
+        _array_of_objects(run["ranks"], "run.ranks")
     if "internal_errors" in run:
         _need(isinstance(run["internal_errors"], list), "run.internal_errors", "an array", run["internal_errors"])
     logits = metrics.get("logits")

@@ -538,7 +538,6 @@ def test_a_folder_as_the_report_path_is_one_line(tmp_path, capsys):
     ({"input_ids": ["hello", "world"]}, "does not hold numbers"),
     ({"input_ids": [[1, 2, 3]], "labels": [[1.0, 2.0, 3.0]]}, "holds float32 values"),
     ({"input_ids": torch.tensor([[1.5, 2.0]])}, "must be integers"),
-    ({"input_ids": torch.zeros(1, 0, dtype=torch.long)}, "is empty"),
     ({"input_ids": [[1, 2]], "attention_mask": [[float("nan"), 1.0]]}, "NaN"),
 ])
 def test_bad_batches_are_one_user_error(batch, needle):
