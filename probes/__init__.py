@@ -1,15 +1,19 @@
-"""The registry of sftdoctor's probes, listed explicitly (no entry-point magic).
+"""The registry of sftdoctor's probes: every module in this folder whose name does not start
+with "_" (helpers do), found when the package loads (no entry-point magic).
 
-Each module here is one probe: `id`, `level`, `summary`, `needs`, `check(ctx)`. Installed as
-`sftdoctor.probes`; see docs/findings.md for what each id means.
+Each module is one probe: `id`, `level`, `summary`, `needs`, `check(ctx)`, and what its finding
+means (`family`, `priority`, `cause`, `remedy`). Adding a probe is adding its file (and its id in
+docs/findings.md, which tests/test_registry_sync.py keeps in step). Installed as `sftdoctor.probes`.
 """
 from __future__ import annotations
 
+import pkgutil
 from importlib import import_module
 
-from sftdoctor.engine import Probe
+from sftdoctor.engine import Probe, Registry
 
-# Module names, in the order their findings are most useful to read.
+# Reading order: the order their findings are most useful to read. A probe not listed here
+# still runs, after the listed ones of its level.
 _BATCH = [
     "labels_pad_not_ignored",
     "attention_mask_hides_tokens",
@@ -60,17 +64,25 @@ _CHECKPOINT = [
 ]
 
 
-def _load(names: list[str]) -> list[Probe]:
-    return [Probe.from_module(import_module(f"{__name__}.{n}")) for n in names]
+LEVELS = ("batch", "step", "run", "checkpoint", "dataset")
 
 
-BATCH = _load(_BATCH)
-STEP = _load(_STEP)
-RUN = _load(_RUN)
-CHECKPOINT = _load(_CHECKPOINT)
-DATASET = _load(_DATASET)
-ALL = BATCH + STEP + RUN + CHECKPOINT + DATASET
+def _discover() -> list[Probe]:
+    listed = _BATCH + _STEP + _RUN + _CHECKPOINT + _DATASET
+    found = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    missing = sorted(set(listed) - set(found))
+    if missing:  # a listed probe whose file is gone: fail at import, never skip silently
+        raise ImportError(f"sftdoctor.probes lists {missing} but has no such module")
+    order = {name: i for i, name in enumerate(listed)}
+    probes = [Probe.from_module(import_module(f"{__name__}.{n}")) for n in sorted(found, key=lambda n: (order.get(n, len(order)), n))]
+    return sorted(probes, key=lambda p: LEVELS.index(p.level))  # stable: reading order within a level
 
 
-def by_level(*levels: str) -> list[Probe]:
-    return [p for p in ALL if p.level in levels]
+ALL = _discover()
+BATCH = [p for p in ALL if p.level == "batch"]
+STEP = [p for p in ALL if p.level == "step"]
+RUN = [p for p in ALL if p.level == "run"]
+CHECKPOINT = [p for p in ALL if p.level == "checkpoint"]
+DATASET = [p for p in ALL if p.level == "dataset"]
+# What a Session is given: every probe, in reading order.
+REGISTRY = Registry(tuple(ALL))

@@ -11,12 +11,12 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from sftdoctor.constants import CLASS_NAMES
 from sftdoctor.report import Report
 
 SEVERITY_STYLE = {"fail": "bold red", "warn": "yellow", "info": "cyan"}
 VERDICT_STYLE = {"fail": "bold white on red", "warn": "bold black on yellow", "pass": "bold white on green",
                  "inconclusive": "bold white on blue"}  # inconclusive is never green: nothing says "fine"
-CLASS_NAMES = ["prompt", "response", "eos", "pad", "special"]
 CLASS_STYLE = {0: "grey50", 1: "green", 2: "bold magenta", 3: "grey35", 4: "blue"}
 # Long runs of one kind are collapsed to their edges ("[pad supervised, label 0 ×412]"): padding
 # quickly, text only when long, so a 512-token row stays readable but its text stays visible.

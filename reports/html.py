@@ -17,14 +17,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from sftdoctor.constants import CLASS_NAMES, IGNORE_INDEX
 from sftdoctor.atomic import write_atomic
 from sftdoctor.report import Report
 
 from . import dataset_view, plots
 
 TEMPLATES = Path(__file__).parent / "templates"
-IGNORE_INDEX = -100
-CLASS_NAMES = ["prompt", "response", "eos", "pad", "special"]
 MAX_SAMPLE_ROWS = 8  # token-view rows shown
 MAX_ROW_TOKENS = 2048  # tokens shown per row
 RUN_COLLAPSE = 16  # a run of like tokens longer than this is folded behind an expander
@@ -33,90 +32,20 @@ MAX_TABLE_ROWS = 50  # rows of a list-of-records table (evidence, metrics)
 MAX_LIST_ITEMS = 24  # items of a list of scalars
 
 # ---- root causes --------------------------------------------------------------------------
-# Finding id -> (family, priority, what happened). Lower priority = more upstream: a cause is
-# listed before the symptoms it explains. Family "learned": the model was trained on the wrong
-# targets (data/labels); "numerical": values overflowed or went NaN; "setup": configuration.
-CAUSES: dict[str, tuple[str, int, str]] = {
-    "labels-pad-not-ignored": ("learned", 10, "Padding positions were trained as targets, so the model learned to emit the pad label."),
-    "labels-misaligned": ("learned", 10, "Labels are shifted against the inputs: the model is trained to predict the wrong token."),
-    "pad-is-eos-masked": ("learned", 12, "Masking pad by id also masked the real EOS, so the model never learns to stop."),
-    "attention-mask-hides-tokens": ("learned", 14, "The attention mask hides real tokens (a loss mask passed as attention_mask?): the answer cannot see the question."),
-    "labels-no-supervised-tokens": ("learned", 15, "Some rows have no supervised token: their loss is 0/0 or a fake 0."),
-    "labels-eos-missing": ("learned", 16, "Responses end without a supervised EOS: the model never learns to stop."),
-    "truncation-answer-lost": ("learned", 18, "Truncation cut the answers off: the model is trained on rows without their ends."),
-    "token-id-out-of-range": ("setup", 8, "A token id is beyond the embedding table (new token without resize)."),
-    "position-ids-inconsistent": ("learned", 18, "Position ids do not match the mask or document boundaries."),
-    "grad-from-ignored-tokens": ("learned", 20, "Gradient reaches the logits at positions that should carry no loss."),
-    "params-frozen": ("setup", 9, "Nothing (or almost nothing) that is trainable gets a gradient."),
-    "precision-overflow": ("numerical", 10, "An activation or gradient overflowed the dtype's range and became inf/NaN."),
-    "precision-inference-overflow": ("numerical", 11, "The model overflows in the dtype it is served in, though finite in fp32."),
-    "grad-nonfinite": ("numerical", 14, "Parameter gradients are NaN/inf, so updates corrupt the weights."),
-    "weights-nonfinite": ("numerical", 15, "The saved weights hold NaN/inf: every forward pass is poisoned."),
-    "loss-nonfinite": ("numerical", 20, "The loss is NaN or inf."),
-    "logits-nonfinite": ("numerical", 22, "The logits are NaN/inf; argmax of a NaN row is id 0."),
-    "loss-scale-skipped-steps": ("numerical", 24, "The GradScaler skipped optimizer steps: the loss looks fine while nothing is learned."),
-    # warn-level causes: listed when something failed, since they often explain the fails
-    "precision-fp16-unsafe": ("numerical", 6, "fp16 where it is not safe (pure fp16 weights with Adam, or a bf16 checkpoint run in fp16): the setup that makes values overflow or go NaN."),
-    "loss-divergence": ("numerical", 26, "The loss diverged (learning rate too high?)."),
-    "template-mismatch": ("learned", 19, "Training rows and inference prompts use different formats."),
-    "prediction-collapse": ("symptom", 40, "Predictions collapsed onto one token."),
-    "generation-degenerate": ("symptom", 42, "Greedy generation repeats one token (the `!!!!` symptom)."),
-    "generation-never-stops": ("symptom", 44, "Generation runs to max_new_tokens without EOS."),
-}
+# Ranked by the Session (sftdoctor.session.root_causes, from each probe's declared family, priority
+# and cause) and stored in the report: this renderer only reads them.
 FAMILY_LABEL = {"learned": "learned (data/labels)", "numerical": "numerical (overflow/NaN)",
                 "setup": "setup", "symptom": "symptom", "other": "other"}
 
 
-def _family(finding) -> str:
-    """The cause family: what the evidence says when it says it, else the id's default."""
-    ev = finding.evidence or {}
-    for key in ("family", "cause_family", "cause"):
-        v = ev.get(key)
-        if isinstance(v, str) and v.lower() in ("learned", "numerical"):
-            return v.lower()
-    if ev.get("logits_finite") is False or ev.get("finite") is False:
-        return "numerical"
-    return CAUSES.get(finding.id, ("other",))[0]
-
-
-def root_causes(report: Report) -> list[dict[str, Any]]:
-    """Fail findings ranked upstream-first, each with its family and a one-line explanation.
-    A symptom whose family is known from its evidence is listed under that family."""
-    fails = [f for f in report.findings if f.severity == "fail"]
-    if fails:
-        # a warn that is a known upstream cause (fp16 + Adam, divergence) is often the real cause of the fails
-        fails += [f for f in report.findings if f.severity == "warn" and CAUSES.get(f.id, ("symptom",))[0] != "symptom"]
-    ranked = []
-    for f in fails:
-        base_family, priority, what = CAUSES.get(f.id, ("other", 30, ""))
-        if f.id == "precision-overflow" and (f.evidence or {}).get("kind") == "nan-without-overflow":
-            what = "NaN appeared with no value near the dtype's limit: NaN weights or inputs, not a range overflow."
-        text0 = _id0_text(report)
-        if "id 0" in what and text0:
-            what += f" In this tokenizer id 0 is {text0!r}."
-        family = _family(f)
-        ranked.append({
-            "id": f.id, "family": family, "family_label": FAMILY_LABEL.get(family, family),
-            "symptom": base_family == "symptom", "what": what, "message": f.message,
-            "step": shown_step(f), "level": f.level, "priority": priority,
-        })
-    ranked.sort(key=lambda r: (r["symptom"], r["priority"]))
-    for i, r in enumerate(ranked, 1):
-        r["rank"] = i
-    return ranked
-
-
-def _id0_text(report: Report) -> str | None:
-    """How this report's tokenizer prints id 0 (evidence or samples), None when unknown."""
-    for f in report.findings:
-        ev = f.evidence or {}
-        if ev.get("token_id") == 0 and isinstance(ev.get("token_text") or ev.get("text"), str):
-            return ev.get("token_text") or ev.get("text")
-    for row in report.samples or []:
-        for i, t in zip(row.get("ids") or [], row.get("texts") or []):
-            if i == 0 and isinstance(t, str):
-                return t
-    return None
+def causes_view(report: Report) -> list[dict[str, Any]]:
+    out = []
+    for c in report.root_causes or []:
+        family = c.get("family", "other")
+        step = c.get("step")
+        out.append(dict(c, family_label=FAMILY_LABEL.get(family, family),
+                        step=None if step is None or (c.get("level") == "batch" and not step) else step))
+    return out
 
 
 def shown_step(f) -> int | None:
@@ -456,7 +385,8 @@ def csp(css: str, script: str) -> str:
 
 def build_context(report: Report) -> dict[str, Any]:
     counts = {s: sum(1 for f in report.findings if f.severity == s) for s in ("fail", "warn", "info")}
-    causes = root_causes(report)
+    causes = causes_view(report)
+    family_of = {c["id"]: c.get("family", "other") for c in causes}
     metrics = report.metrics or {}
     steps = [s for s in (metrics.get("steps") or []) if isinstance(s, dict)]
     activations = metrics.get("activations") or []
@@ -468,7 +398,7 @@ def build_context(report: Report) -> dict[str, Any]:
     findings = []
     for f in report.by_severity():
         findings.append({"f": f, "step": shown_step(f), "evidence": value_view(f.evidence) if f.evidence else None,
-                         "family": FAMILY_LABEL.get(_family(f), "") if f.severity == "fail" else "",
+                         "family": FAMILY_LABEL.get(family_of.get(f.id, "other"), "") if f.severity == "fail" else "",
                          "repeats": report.repeats.get(f.id, 0)})
     forecast = metrics.get("fp16_forecast")
     if isinstance(forecast, dict) and forecast.get("safe") and any(

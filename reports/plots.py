@@ -13,8 +13,9 @@ import math
 import re
 from typing import Any, Iterable
 
+from sftdoctor.constants import CLASS_NAMES
+
 MAX_POINTS = 600  # points per plotted series after downsampling
-CLASS_NAMES = ["prompt", "response", "eos", "pad", "special"]
 # One palette for the token view and the plots (keep in step with report.css).
 CLASS_COLORS = {"prompt": "#8a8f98", "response": "#1f9d55", "eos": "#b83280", "pad": "#6b7280", "special": "#2b6cb0"}
 INK, MUTED, GRID, BAD, LIMIT = "#1f2933", "#7b8794", "#e4e7eb", "#d64545", "#c05621"

@@ -24,11 +24,14 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import hooks
-from .context import IGNORE_INDEX, Batch, ModelInfo, ProbeContext, TokenizerInfo
-from .engine import run_probes
+from .constants import IGNORE_INDEX
+from .context import Batch, ModelInfo, ProbeContext, TokenizerInfo
+from .engine import Registry
 from .errors import UserError
 from .findings import Finding
+from .probes import REGISTRY
 from .report import Report
+from .session import Session, token_samples
 from .stepstats import (FP16_MAX, HEADROOM_FACTOR, OptimizerStep, RunHistory, StepRecord, analyze_tokens, same_device,
                         candidate_targets, dtype_limit, dtype_name, logits_forward_stats, logits_grad_stats, to_host,
                         local_tensor, is_sharded)
@@ -37,8 +40,6 @@ from .stepstats import (FP16_MAX, HEADROOM_FACTOR, OptimizerStep, RunHistory, St
 STEP_CHECKS = ("loss-nonfinite", "logits-nonfinite", "grad-nonfinite", "params-frozen", "precision-overflow",
                "grad-from-ignored-tokens", "labels-misaligned")
 GRADIENT_CHECKS = ("grad-from-ignored-tokens", "labels-misaligned", "labels-eos-missing", "logits-nonfinite")
-NUMERICAL_IDS = {"loss-nonfinite", "logits-nonfinite", "precision-overflow", "precision-headroom",
-                 "precision-fp16-unsafe", "grad-nonfinite", "loss-scale-skipped-steps", "loss-divergence"}
 
 
 @dataclass
@@ -70,9 +71,8 @@ class Doctor:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, optimizer: Any = None, every: int = 50,
                  full_steps: int = 3, ignore: Iterable[str] = (), on_finding: Callable | None = None,
-                 on_step: Callable | None = None, command: str = "attach", rank: int | None = None):
-        from .api import environment
-
+                 on_step: Callable | None = None, command: str = "attach", rank: int | None = None,
+                 registry: Registry = REGISTRY):
         self.model = model
         self.tokenizer = (tokenizer if isinstance(tokenizer, TokenizerInfo) or tokenizer is None
                           else TokenizerInfo.from_tokenizer(tokenizer))
@@ -92,7 +92,8 @@ class Doctor:
         # (Batch, labels) of the first full step with a measured d loss / d logits: the labels the loss
         # really used (-100 where no loss), HF-aligned. Read by watch to judge labels it had to guess.
         self.gradient_labels: tuple[Batch, torch.Tensor] | None = None
-        self._report = Report(command=command, environment=environment())
+        self.session = Session(command, registry, ignore=self.ignore, rank=rank)
+        self._report = self.session.report  # the one report of this Doctor; only its Session writes findings
         self._named_params = list(model.named_parameters())
         self._param_ids = {id(p) for _, p in self._named_params}
         optimizer = _unwrap_optimizer(optimizer)
@@ -634,49 +635,41 @@ class Doctor:
         return d
 
     # ---- probes ---------------------------------------------------------------------------------
-    def _context(self, record: StepRecord | None, batch: Batch | None, hints: dict) -> ProbeContext:
-        return ProbeContext(batch=batch, tokenizer=self.tokenizer, model=self.model_info, hints=hints,
+    def _context(self, record: StepRecord | None, batch: Batch | None, observed: frozenset[str] = frozenset(),
+                 why_missing: dict[str, str] | None = None) -> ProbeContext:
+        return ProbeContext(batch=batch, tokenizer=self.tokenizer, model=self.model_info, observed=observed,
+                            why_missing=why_missing or {},
                             step=record, run=self.history, step_index=record.step if record else self._micro,
                             rank=self.rank)
 
     def _run_step_probes(self, record: StepRecord, pend: _Pending) -> list[Finding]:
-        from sftdoctor.probes import STEP
-
-        hints = {"forward_stats": bool(record.logits is not None or record.activations),
-                 "logits_grad": record.targets is not None, "backward": record.backward_seen}
+        observed = {"forward_stats": bool(record.logits is not None or record.activations),
+                    "logits_grad": record.targets is not None, "backward": record.backward_seen}
+        why_missing = {}
         if pend.no_logits:
-            hints["why_no_logits_grad"] = f"needs logits_grad: {pend.no_logits}"
-            hints["why_no_forward_stats"] = f"needs forward_stats: {pend.no_logits}"
+            why_missing["logits_grad"] = f"needs logits_grad: {pend.no_logits}"
+            why_missing["forward_stats"] = f"needs forward_stats: {pend.no_logits}"
         elif pend.full and record.backward_seen and not pend.grad:
-            hints["why_no_logits_grad"] = ("needs logits_grad: a backward ran but no gradient reached the logits this "
-                                           "hook saw or the lm_head output (the loss did not use them?)")
-        ctx = self._context(record, pend.batch, hints)
+            why_missing["logits_grad"] = ("needs logits_grad: a backward ran but no gradient reached the logits this "
+                                          "hook saw or the lm_head output (the loss did not use them?)")
+        ctx = self._context(record, pend.batch, frozenset(k for k, v in observed.items() if v), why_missing)
         try:
-            findings, checks = run_probes(ctx, STEP, ignore=self.ignore)
+            return self.session.check(ctx, "step")
         except Exception:
             self._error("the step probes", STEP_CHECKS)
             return []
-        for f in findings:
-            f.evidence.setdefault("family", _family(f))
-        self._report.record_checks(checks)
-        return self._report.add(findings)
 
     def _run_run_probes(self) -> list[Finding]:
-        from sftdoctor.probes import RUN
-
         last = self.history.records[-1] if self.history.records else None
-        ctx = self._context(last, None, {})
+        ctx = self._context(last, None)
         try:
-            findings, checks = run_probes(ctx, RUN, ignore=self.ignore)
+            new = self.session.check(ctx, "run")
         except Exception:
-            self._error("the run probes", ("grad-accum-normalization", "loss-scale-skipped-steps", "loss-divergence"))
+            self._error("the run probes", [i for p in self.session.registry.at("run") for i in p.ids])
             return []
         self.history.checked_records = len(self.history.records)
         self.history.checked_optimizer_steps = len(self.history.optimizer_steps)
-        for f in findings:
-            f.evidence.setdefault("family", _family(f))
-        self._report.record_checks(checks)
-        return self._report.add(findings)
+        return new
 
     def _notify(self, new: list[Finding]) -> None:
         if new:
@@ -711,8 +704,6 @@ class Doctor:
                 m["effective_targets"] = dict(full.targets, step=full.step)
             m["dtypes"] = full.dtypes
         if self._latest_samples is not None:
-            from .api import token_samples
-
             ctx = ProbeContext(batch=self._latest_samples["batch"], tokenizer=self.tokenizer)
             self._report.samples = token_samples(ctx, extra=self._latest_samples["extra"])
         if self.errors:
@@ -748,10 +739,6 @@ def _lr(optimizer) -> float | None:
         return None
 
 
-def _family(f: Finding) -> str:
-    if f.id == "prediction-collapse":
-        return f.evidence.get("family", "learned")
-    return "numerical" if f.id in NUMERICAL_IDS else "learned"
 
 
 def _merge_activations(rows: list[dict]) -> list[dict]:

@@ -6,14 +6,20 @@ TokenizerInfo and ModelInfo here, once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
+from .constants import IGNORE_INDEX
 from .errors import UserError
+from .tokens import classify
 
-IGNORE_INDEX = -100  # HF / PyTorch cross-entropy ignore_index: labels equal to it carry no loss
+if TYPE_CHECKING:  # annotations only: these modules import this one
+    from .checkpoint import CheckpointRecord
+    from .stepstats import RunHistory, StepRecord
+
+__all__ = ["Hints", "NEEDS", "IGNORE_INDEX", "Batch", "ModelInfo", "ProbeContext", "TokenizerInfo"]
 
 
 @dataclass
@@ -262,6 +268,49 @@ def _as_tensor(name: str, v: Any) -> torch.Tensor:
 
 
 @dataclass
+class Hints:
+    """Recipe facts an adapter may know; every field optional. `Hints.of(mapping)` refuses a name
+    that is not a field, so a renamed hint fails loudly instead of silently skipping a probe."""
+
+    max_length: int | None = None  # the max_length rows were cut to (tokenizer / SFTConfig / recipe)
+    model_max_length: int | None = None
+    prompt_lengths: list[int] | None = None  # per row: tokens of the prompt (the rest is the answer)
+    # the raw example of each row, {"prompt": str, "response": str} or {"messages": [...]}, for template checks
+    examples: list[dict[str, Any]] | None = None
+    response_template: str | None = None  # the text that opens the answer (TRL's response_template)
+    answer_marker: str | None = None  # the final-answer line's marker (GSM8K: "####")
+    prompt_supervised_on_purpose: bool = False  # the recipe trains on the prompt deliberately
+    compute_dtype: str | None = None  # the dtype training computes in (train --fix)
+    checkpoint_dtype: str | None = None  # the dtype the checkpoint was saved in
+    training: dict[str, Any] | None = None  # what sftdoctor-train.json says of the run (diagnose)
+    labels_evidence: str | None = None  # how watch decided which tensor held the labels
+
+    @classmethod
+    def of(cls, value: "Hints | Mapping[str, Any] | None") -> "Hints":
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise UserError(f"unknown hint {unknown[0]!r}; hints are: {', '.join(sorted(known))}")
+        return cls(**dict(value))
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """A hint by name; an unknown name is a bug in the caller (AttributeError), never None."""
+        value = getattr(self, name)
+        return default if value is None else value
+
+
+# What a probe may declare in `needs` (checked when the registry loads, sftdoctor.engine). The
+# step-level parts are present when the observer saw them in this step (ProbeContext.observed).
+STEP_PARTS = ("forward_stats", "logits_grad", "backward")
+NEEDS = ("batch", "labels", "attention_mask", "position_ids", "tokenizer", "model", "step", "run", "checkpoint",
+         "dataset", "examples") + STEP_PARTS
+
+
+@dataclass
 class ProbeContext:
     """What probes read. Every part is optional; a probe declares what it `needs` and the
     engine marks it skipped (with the reason) when a part is missing."""
@@ -269,30 +318,35 @@ class ProbeContext:
     batch: Batch | None = None
     tokenizer: TokenizerInfo | None = None
     model: ModelInfo | None = None
-    # Recipe hints an adapter may know: max_length, prompt_lengths (per row), the raw examples
-    # the rows came from ({"prompt": str, "response": str} or {"messages": [...]}) for template checks,
-    # prompt_supervised_on_purpose (bool).
-    hints: dict[str, Any] = field(default_factory=dict)
+    hints: Hints = field(default_factory=Hints)  # a mapping given here is checked and converted
     # Filled by later levels (step hooks, run history, checkpoint loader).
-    step: Any = None
-    run: Any = None
-    checkpoint: Any = None
-    dataset: Any = None  # whole-dataset statistics (sftdoctor.dataset.RowStats.summary()) for dataset-level probes
+    step: StepRecord | None = None
+    run: RunHistory | None = None
+    checkpoint: CheckpointRecord | None = None
+    dataset: dict[str, Any] | None = None  # whole-dataset statistics (sftdoctor.dataset) for dataset-level probes
+    observed: frozenset[str] = frozenset()  # which STEP_PARTS the observer saw in this step
+    why_missing: dict[str, str] = field(default_factory=dict)  # need -> why it is missing in this run
     step_index: int = 0
     rank: int | None = None
     _classes: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.hints = Hints.of(self.hints)
+        bad = [n for n in (*self.observed, *self.why_missing) if n not in NEEDS]
+        if bad:
+            raise ValueError(f"unknown context part {bad[0]!r}; parts are {NEEDS}")
 
     @property
     def token_classes(self):
         """Per-position TokenClass codes [B, T], computed once (see sftdoctor.tokens)."""
         if self._classes is None and self.batch is not None:
-            from .tokens import classify
-
             self._classes = classify(self.batch, self.tokenizer)
         return self._classes
 
     def has(self, need: str) -> bool:
         b = self.batch
+        if need in STEP_PARTS:
+            return need in self.observed
         return {
             "batch": b is not None,
             "labels": b is not None and b.labels is not None,
@@ -304,4 +358,5 @@ class ProbeContext:
             "run": self.run is not None,
             "checkpoint": self.checkpoint is not None,
             "dataset": self.dataset is not None,
-        }.get(need, bool(self.hints.get(need)))
+            "examples": bool(self.hints.examples),
+        }[need]  # KeyError: a need outside NEEDS, which the registry refuses at load

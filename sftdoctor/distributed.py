@@ -200,7 +200,6 @@ class Job:
         self.channel = _channel()
         self._next_poll = 0.0
         self.stop_info: dict[str, Any] | None = None  # the first failing rank's, once seen
-        self.signalled: int | None = None  # a SIGTERM that came while the report was being built
         self._in_script: Callable[[], bool] = lambda: False
         self._old_handler: Any = None
 
@@ -233,7 +232,8 @@ class Job:
 
     def install_signals(self, in_script: Callable[[], bool]) -> None:
         """SIGTERM (torchrun stopping the survivors, a scheduler cancelling the job) stops the script
-        like Ctrl-C; once the script has ended it is only noted, so the report is still written."""
+        like Ctrl-C; once the script has ended it is ignored, so the report is still written. The handler
+        stays until this process exits (torchrun SIGTERMs the survivors once a rank exits non-zero)."""
         from .runner import StopScript
 
         self._in_script = in_script
@@ -242,19 +242,10 @@ class Job:
         def on_sigterm(signum, frame):
             if job._in_script():
                 raise StopScript("SIGTERM: the launcher stopped this rank", status="terminated", exit_code=128 + signum)
-            job.signalled = signum
 
         try:
             self._old_handler = signal.signal(signal.SIGTERM, on_sigterm)
         except (ValueError, OSError):  # not the main thread
-            self._old_handler = None
-
-    def uninstall_signals(self) -> None:
-        if self._old_handler is not None:
-            try:
-                signal.signal(signal.SIGTERM, self._old_handler)
-            except (ValueError, OSError, TypeError):
-                pass
             self._old_handler = None
 
     # -- after the script --------------------------------------------------------------------------

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Iterable
 
-from .context import ProbeContext
+from .context import NEEDS, ProbeContext
 from .findings import CheckResult, Finding, worst
 from .internal import PROBE_ERROR
 
 
 # Why a check did not run, by the context part it needed (a caller may give a more precise reason
-# for this run as hints["why_no_<need>"]). Each keeps the need's name, so the reason stays searchable.
+# for this run in ProbeContext.why_missing[need]). Each keeps the need's name, so the reason stays searchable.
 WHY_MISSING = {
     "labels": "needs labels: the model was called without labels and no label tensor was found",
     "tokenizer": "needs a tokenizer: none was found, so EOS and pad tokens are unknown "
@@ -32,7 +32,10 @@ WHY_MISSING = {
     "step": "needs step: no training step was observed",
     "run": "needs run: no run history",
     "batch": "needs batch: no batch was observed",
+    "model": "needs model: no model or config was given",
+    "dataset": "needs dataset: only a whole-dataset inspection (inspect-batch --batches) has its statistics",
 }
+assert set(WHY_MISSING) == set(NEEDS)  # every part a probe may need says why it can be missing
 
 
 @dataclass(frozen=True)
@@ -46,13 +49,43 @@ class Probe:
     # How a batch probe's findings add up over many batches (a probes._dataset.DatasetRule; None:
     # the default rule). Read by sftdoctor.dataset when a whole dataset is inspected.
     dataset: Any = None
+    # What the probe's finding means for root causes and `train --fix` (declared in the probe file):
+    family: str = "other"  # learned | numerical | setup | symptom | other
+    priority: int = 30  # lower = more upstream: a cause is listed before the symptoms it explains
+    cause: str = ""  # one line: what happened
+    remedy: str | None = None  # the train --fix remedy name (sftdoctor.train.preflight.REMEDIES)
+    fix_on_warn: bool = False  # --fix repairs it even as a warning (safe, and its damage is silent)
 
     @classmethod
     def from_module(cls, mod: ModuleType) -> "Probe":
+        needs = tuple(getattr(mod, "needs", ()))
+        unknown = [n for n in needs if n not in NEEDS]
+        if unknown:  # a misspelt need would otherwise skip the probe forever, silently
+            raise ValueError(f"probe {mod.__name__} needs {unknown[0]!r}, which no context provides; parts are {NEEDS}")
         return cls(
             id=mod.id, level=mod.level, summary=mod.summary, needs=tuple(getattr(mod, "needs", ())),
             check=mod.check, ids=tuple(getattr(mod, "ids", ())) or (mod.id,), dataset=getattr(mod, "dataset", None),
+            family=getattr(mod, "family", "other"), priority=getattr(mod, "priority", 30), cause=getattr(mod, "cause", ""),
+            remedy=getattr(mod, "remedy", None), fix_on_warn=getattr(mod, "fix_on_warn", False),
         )
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The probes a Session may run (sftdoctor.probes.REGISTRY), in reading order.
+    A Session takes one as an argument, so tests can hand it a registry of their own."""
+
+    probes: tuple[Probe, ...]
+
+    def at(self, *levels: str) -> list[Probe]:
+        return [p for p in self.probes if p.level in levels]
+
+    def get(self, finding_id: str) -> Probe | None:
+        return next((p for p in self.probes if finding_id in p.ids), None)
+
+    @property
+    def ids(self) -> list[str]:
+        return [i for p in self.probes for i in p.ids]
 
 
 def run_probes(
@@ -68,7 +101,7 @@ def run_probes(
             continue
         missing = [n for n in probe.needs if not ctx.has(n)]
         if missing:
-            reason = "; ".join(ctx.hints.get(f"why_no_{n}") or WHY_MISSING.get(n, f"needs {n}") for n in missing)
+            reason = "; ".join(ctx.why_missing.get(n) or WHY_MISSING[n] for n in missing)
             checks.extend(CheckResult(i, "skipped", reason, probe.level) for i in probe.ids)
             continue
         try:

@@ -55,7 +55,6 @@ class LiveView:
         self._live = None
         self._console = None
         self._last_refresh = 0.0
-        self._last_row: dict[str, Any] | None = None
         self._group: list = [None, 0.0, 0]  # [optimizer step, sum of backward losses, micro-steps] (see _accumulate)
         if not self.plain:
             from rich.console import Console
@@ -70,7 +69,6 @@ class LiveView:
         if self.quiet or not self.show_steps:
             return
         row = self._accumulate(row, optimizer_steps)
-        self._last_row = row
         loss = row.get("loss")
         bad = isinstance(loss, float) and not math.isfinite(loss)
         if self.plain:

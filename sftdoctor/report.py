@@ -36,6 +36,9 @@ class Report:
     run: dict[str, Any] = field(default_factory=dict)
     # How often each finding id was seen after its first occurrence (watch/train see the same id many times).
     repeats: dict[str, int] = field(default_factory=dict)
+    # Fail findings ranked upstream-first with their cause family and a one-line "what happened";
+    # written by Session.finish() (sftdoctor.session.root_causes), None until a Session finished it.
+    root_causes: list[dict[str, Any]] | None = None
 
     # ---- building -------------------------------------------------------------------------
     def add(self, findings: Iterable[Finding]) -> list[Finding]:
@@ -117,6 +120,7 @@ class Report:
             "samples": self.samples,
             "run": self.run,
             "repeats": self.repeats,
+            **({"root_causes": self.root_causes} if self.root_causes is not None else {}),
         }
 
     def to_json(self) -> str:
@@ -140,6 +144,7 @@ class Report:
             samples=d.get("samples") or [],
             run=d.get("run") or {},
             repeats=d.get("repeats") or {},
+            root_causes=d.get("root_causes"),
         )
 
     @classmethod
@@ -256,7 +261,8 @@ def validate_report(d: Any, source: str = "the report") -> None:
             raise _Invalid(f"its data is nested more than {MAX_DEPTH} levels deep")
         _need(isinstance(d.get("command", "?"), str), "command", "a string", d.get("command"))
         for key, kind, empty in (("findings", list, []), ("checks", list, []), ("samples", list, []), ("metrics", dict, {}),
-                                 ("environment", dict, {}), ("run", dict, {}), ("repeats", dict, {})):
+                                 ("environment", dict, {}), ("run", dict, {}), ("repeats", dict, {}),
+                                 ("root_causes", list, None)):
             v = d.get(key, empty)
             _need(v is None or isinstance(v, kind), key, "an array" if kind is list else "an object", v)
         from .findings import CHECK_STATUSES, LEVELS, SEVERITIES
@@ -284,6 +290,13 @@ def validate_report(d: Any, source: str = "the report") -> None:
         for k, n in (d.get("repeats") or {}).items():
             _need(_is_int(n), f"repeats.{k}", "an integer", n)
         _check_rendered_shapes(d.get("run") or {}, d.get("metrics") or {})
+        for i, c in enumerate(d.get("root_causes") or []):
+            w = f"root_causes[{i}]"
+            _need(isinstance(c, dict), w, "an object", c)
+            for key in ("id", "family", "what", "message", "level"):
+                _need(isinstance(c.get(key, ""), str), f"{w}.{key}", "a string", c.get(key))
+            for key in ("rank", "priority", "step"):
+                _need(c.get(key) is None or _is_int(c.get(key)), f"{w}.{key}", "an integer or null", c.get(key))
         tc = (d.get("metrics") or {}).get("token_classes")
         if tc is not None:
             _need(isinstance(tc, dict), "metrics.token_classes", "an object", tc)

@@ -3,14 +3,17 @@ backward with every step probe on, NO optimizer update, and the model's .grad an
 mode restored afterwards."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .context import IGNORE_INDEX, Batch, ProbeContext
-from .findings import CheckResult
-from .report import Report
+from .attach import Doctor
+from .constants import IGNORE_INDEX
+from .context import ProbeContext
+
+if TYPE_CHECKING:
+    from .session import Session
 
 
 def _masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -18,15 +21,12 @@ def _masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
 
-def probe_step(report: Report, ctx: ProbeContext, model: Any, batch: Any, *, ignore: Iterable[str] = ()) -> None:
-    """Run one forward + backward of `model` on `batch` under the step probes and merge the step
-    findings, checks and metrics into `report`. Labels are passed to the model when the batch has
-    them (else a masked cross-entropy over attended tokens is computed here)."""
-    from sftdoctor.probes import STEP
-
-    from .attach import Doctor
-
-    b: Batch = ctx.batch if ctx.batch is not None else Batch.from_mapping(batch)
+def probe_step(session: "Session", ctx: ProbeContext, model: torch.nn.Module) -> None:
+    """Run one forward + backward of `model` on `ctx.batch` under the step probes and merge the step
+    findings, checks and metrics into the session's report. Labels are passed to the model when the
+    batch has them (else a masked cross-entropy over attended tokens is computed here)."""
+    b = ctx.batch
+    report = session.report
     try:
         device = next(model.parameters()).device
     except StopIteration:
@@ -34,7 +34,8 @@ def probe_step(report: Report, ctx: ProbeContext, model: Any, batch: Any, *, ign
     params = list(model.parameters())
     saved_grads = [p.grad for p in params]
     was_training = model.training
-    doctor = Doctor(model, ctx.tokenizer, every=1, full_steps=1 << 30, ignore=ignore, command=report.command)
+    doctor = Doctor(model, ctx.tokenizer, every=1, full_steps=1 << 30, ignore=session.ignore, command=report.command,
+                    registry=session.registry)
     try:
         for p in params:
             p.grad = None
@@ -60,19 +61,14 @@ def probe_step(report: Report, ctx: ProbeContext, model: Any, batch: Any, *, ign
         del out, loss
         step_report = doctor.report()
     except Exception as e:  # the model could not run this batch: say so, never crash inspect-batch
-        reason = f"step probe could not run: {type(e).__name__}: {e}"[:300]
-        report.record_checks(CheckResult(i, "skipped", reason, "step") for p in STEP for i in p.ids)
+        session.skip("step", f"step probe could not run: {type(e).__name__}: {e}"[:300])
         return
     finally:
         doctor.detach()
         for p, g in zip(params, saved_grads):
             p.grad = g
         model.train(was_training)
-    report.add(step_report.findings)
-    report.record_checks(step_report.checks)
-    for key in ("steps", "activations", "fp16_forecast", "argmax_histogram", "effective_targets", "dtypes"):
-        if key in step_report.metrics:
-            report.metrics[key] = step_report.metrics[key]
+    session.merge(step_report, metrics=("steps", "activations", "fp16_forecast", "argmax_histogram", "effective_targets", "dtypes"))
     # Token-view extras from the step, aligned like labels (value at position i: logits row i - 1).
     extra_keys = ("effective_target", "token_loss", "grad_norm")
     by_row = {s["row"]: s for s in step_report.samples}

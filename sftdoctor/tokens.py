@@ -8,10 +8,14 @@ one and only the rest of the run is padding.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import torch
 
-from .context import IGNORE_INDEX, Batch, TokenizerInfo
+from .constants import CLASS_NAMES, IGNORE_INDEX
+
+if TYPE_CHECKING:  # only for annotations: context imports this module
+    from .context import Batch, TokenizerInfo
 
 
 class TokenClass(IntEnum):
@@ -26,7 +30,7 @@ class TokenClass(IntEnum):
         return self.name.lower()
 
 
-CLASS_NAMES = [c.label for c in TokenClass]
+assert tuple(c.label for c in TokenClass) == CLASS_NAMES  # codes index CLASS_NAMES in every renderer
 
 
 def _edge_run(row: torch.Tensor, value_mask: torch.Tensor, from_end: bool) -> int:

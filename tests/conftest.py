@@ -90,3 +90,13 @@ def pad_right(pad_id: int, feats):
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: on a machine without one they are skipped, with the reason shown."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on a GPU machine: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -76,7 +76,7 @@ def hostile_report() -> Report:
     report.run = {"status": "crashed", "exit_code": 1,
                   "error": {"type": "ValueError", "message": HOSTILE, "where": f"/data/{HOSTILE}.py:3"}}
     report.environment = dict(FIXED_ENV, argv=["train.py", HOSTILE])
-    return report
+    return finished(report)  # a finding was added after inspect_batch: rank the causes again
 
 
 def synthetic_metrics(steps: int = 2000, layers: int = 24, vocab_text: dict | None = None, seed: int = 0) -> dict:
@@ -153,7 +153,15 @@ def synthetic_report(steps: int = 2000, layers: int = 24, hostile: bool = False)
     r.run = {"status": "crashed", "exit_code": 1, "steps_seen": steps,
              "error": {"type": "RuntimeError", "message": "CUDA error: an illegal memory access", "where": "train.py:88"}}
     r.environment = dict(FIXED_ENV)
-    return r
+    return finished(r)
+
+
+def finished(report: Report) -> Report:
+    """What a Session does at the end of every run: rank the root causes into the report."""
+    from sftdoctor.probes import REGISTRY
+    from sftdoctor.session import Session
+
+    return Session.reopen(report, REGISTRY).finish()
 
 
 def _synthetic_row(i: int, hostile: bool) -> dict:

@@ -136,6 +136,7 @@ def by_rank(report: dict) -> dict[int, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("fail_rank, channel", [(1, "store"), (0, "files")])
 def test_a_crash_on_one_rank_ends_the_job_and_names_the_rank(tmp_path, fail_rank, channel):
     env = {"FAIL_RANK": str(fail_rank)}
@@ -161,6 +162,7 @@ def test_a_crash_on_one_rank_ends_the_job_and_names_the_rank(tmp_path, fail_rank
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_fail_fast_on_one_rank_stops_every_rank(tmp_path):
     proc, ended = launch(tmp_path, DDP, env={"PAD_BUG_RANKS": "1", "STEPS": "200"}, options=("--fail-fast",))
     log = proc.stdout + proc.stderr
@@ -175,6 +177,7 @@ def test_fail_fast_on_one_rank_stops_every_rank(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_trainer_collate_error_on_one_rank_under_accelerate_launch(tmp_path):
     proc, ended = launch(tmp_path, TRAINER, env={"FAIL_RANK": "1"}, launcher="accelerate")
     log = proc.stdout + proc.stderr
@@ -198,6 +201,7 @@ def test_trainer_collate_error_on_one_rank_under_accelerate_launch(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sigint_to_the_launcher_ends_the_job_with_a_report(tmp_path):
     proc = launch(tmp_path, DDP, env={"STEPS": "100000", "STEP_SLEEP": "0.05", "RUNNING_MARK": str(tmp_path / "running")},
                   popen=True)
@@ -223,6 +227,7 @@ def test_sigint_to_the_launcher_ends_the_job_with_a_report(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_fsdp2_pad_bug_is_found_by_the_step_probes(tmp_path):
     proc, ended = launch(tmp_path, DDP, env={"FSDP2": "1", "PAD_BUG_RANKS": "0,1", "STEPS": "3"})
     log = proc.stdout + proc.stderr

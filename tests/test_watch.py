@@ -244,6 +244,8 @@ DDP_SCRIPT = """
 """
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("destroys_group", [False], ids=["store"])  # files: tests/test_distributed.py
 def test_torchrun_two_processes_one_merged_report(tmp_path, destroys_group):
     """Ranks exchange reports through torchrun's store (or files in SFTDOCTOR_RANK_DIR); never a

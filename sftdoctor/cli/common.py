@@ -10,20 +10,25 @@ import errno
 import os
 import sys
 
+from ..atomic import write_atomic
 from ..errors import UserError
 from ..paths import check_writable_folder, describe_kind, is_regular, is_report_file, same_file
+from ..probes import REGISTRY
 from ..report import Report
+from ..reports import FILE_RENDERERS
+from ..session import Session
+from ..verdict import exit_code
 
 STDOUT = "-"
-OUTPUT_FLAGS = ("json", "html")
+OUTPUT_FLAGS = tuple(r.flag for r in FILE_RENDERERS)
 # argparse dests of every verb's input files: an output may never be one of them
 INPUT_ARGS = ("report_json", "batch", "script", "config", "prompts", "data")
 
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
-    g.add_argument("--json", metavar="PATH", help="write the JSON report (schema sftdoctor.report/1) here ('-': stdout)")
-    g.add_argument("--html", metavar="PATH", help="write a self-contained HTML report here ('-': stdout)")
+    for r in FILE_RENDERERS:
+        g.add_argument(f"--{r.flag}", metavar="PATH", help=r.description)
     g.add_argument("--ignore", metavar="ID", action="append", default=[],
                    help="finding id to ignore (repeatable; also [tool.sftdoctor] ignore in pyproject.toml)")
     g.add_argument("--quiet", "-q", action="store_true", help="print only the verdict and findings, no token view")
@@ -96,24 +101,18 @@ def say_where(args: argparse.Namespace) -> None:
 
 
 def write_outputs(report: Report, args: argparse.Namespace) -> list[tuple[str, str, OSError]]:
-    """Write --json/--html; returns the writes that failed (flag, path, error), e.g. a full disk."""
+    """Write every file renderer asked for (--json, --html); returns the writes that failed
+    (flag, path, error), e.g. a full disk."""
     failed = []
+    renderers = {r.flag: r for r in FILE_RENDERERS}
     for flag, path in _outputs(args):
-        text = report.to_json() + "\n" if flag == "json" else None
         try:
-            if flag == "html":
-                from sftdoctor.reports.html import render_html, write_html
-
-                if path == STDOUT:
-                    text = render_html(report)
-                else:
-                    write_html(report, path)
-                    continue
+            text = renderers[flag].render(report)
             if path == STDOUT:
                 sys.stdout.write(text)
                 sys.stdout.flush()
             else:
-                report.save(path)
+                write_atomic(path, text)  # a reader never sees half a report
         except OSError as e:
             if isinstance(e, BrokenPipeError) and path == STDOUT:
                 continue
@@ -150,6 +149,8 @@ def finish(report: Report, args: argparse.Namespace, *, show: bool = True) -> in
 
     Files are written before printing, so a closed stdout (`| head`) never loses the report. A
     write that fails (ENOSPC, EROFS) still prints the report, then raises one line (exit 2)."""
+    if report.root_causes is None:  # a report no Session finished (an older JSON file): rank its causes now
+        Session.reopen(report, REGISTRY).finish()
     failed = write_outputs(report, args)
     if show or failed:
         try:
@@ -160,6 +161,4 @@ def finish(report: Report, args: argparse.Namespace, *, show: bool = True) -> in
             pass
     if failed:
         raise write_failure(report, failed)
-    from ..verdict import exit_code
-
     return exit_code(report.verdict)

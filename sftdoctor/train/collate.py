@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-IGNORE_INDEX = -100  # labels equal to this carry no loss (HF / PyTorch cross-entropy ignore_index)
+from ..constants import IGNORE_INDEX
+
 
 
 def plain_prompt(question: str) -> str:

@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-IGNORE_INDEX = -100
+from ..constants import IGNORE_INDEX
+
 CHUNK_ELEMENTS = 1 << 23  # logits values per chunk on the CPU: 8M x 4 bytes = 32 MB
 CUDA_CHUNK_ELEMENTS = 1 << 26  # on a GPU bigger chunks keep the matmuls large (256 MB fp32)
 
