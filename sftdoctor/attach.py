@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from . import hooks
+from . import hooks, patches
 from .constants import IGNORE_INDEX
 from .context import Batch, ModelInfo, ProbeContext, TokenizerInfo
 from .engine import Registry
@@ -127,7 +127,7 @@ class Doctor:
             model.register_forward_pre_hook(_eager(self._on_forward_start), with_kwargs=True),
             model.register_forward_hook(_eager(self._on_forward_end), with_kwargs=True),
         ]
-        hooks.register(self)
+        patches.STEP.acquire(self)
 
     # ---- public API ---------------------------------------------------------------------------
     def report(self) -> Report:
@@ -152,7 +152,7 @@ class Doctor:
                 h.remove()
             self._handles = []
             self._collector.remove()
-            hooks.unregister(self)
+            patches.STEP.release(self)
             if self._trainer is not None and self._callback is not None:
                 try:
                     self._trainer.remove_callback(self._callback)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from .errors import UserError
-from .runner import Patches, StopScript, print_user_traceback, run_script
+from .patches import Patches
+from .runner import StopScript, print_user_traceback, run_patched
 
 ALL_CAP_BATCHES = 100_000  # --batches all on a dataset with no length stops here (documented)
 
@@ -240,7 +241,6 @@ def inspect_script_dataset(script: str | None, script_args: list[str], *, module
 
     captured: dict[str, Any] = {}
     script_ns: dict[str, Any] = {}
-    patches = Patches()
     busy = {"on": False}
 
     def run_checks(src: Source, frame) -> None:
@@ -274,27 +274,19 @@ def inspect_script_dataset(script: str | None, script_args: list[str], *, module
             close_progress_bars(trainer)
         raise StopScript("training data inspected")
 
-    import torch.utils.data as tud
+    def make_iter(original_iter):
+        def __iter__(loader):
+            if busy["on"] or "report" in captured or "error" in captured:
+                return original_iter(loader)
+            frame = sys._getframe(1)
+            where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+            stop(lambda: source_from_loader(loader, where), frame)
+        return __iter__
 
-    original_iter = tud.DataLoader.__iter__
-
-    def __iter__(loader):
-        if busy["on"] or "report" in captured or "error" in captured:
-            return original_iter(loader)
-        frame = sys._getframe(1)
-        where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
-        stop(lambda: source_from_loader(loader, where), frame)
-
-    patches.set(tud.DataLoader, "__iter__", __iter__)
-    try:
-        from transformers import Trainer
-
+    def make_train(original_train):  # the original never runs: the training data exists, the script stops here
         def train(trainer, *args, **kwargs):
             stop(lambda: source_from_trainer(trainer), sys._getframe(1), trainer)
-
-        patches.set(Trainer, "train", train)
-    except ImportError:
-        pass
+        return train
 
     def on_forward(model, args, kwargs, frame) -> None:
         if "report" in captured or busy["on"]:
@@ -302,14 +294,18 @@ def inspect_script_dataset(script: str | None, script_args: list[str], *, module
         captured["no_loader"] = f"{frame.f_code.co_filename}:{frame.f_lineno}"
         raise StopScript("model forward before any DataLoader")
 
-    try:
-        ForwardCatcher(on_forward).install(patches)
-    except ImportError:
-        pass
-    try:
-        outcome = run_script(script, script_args, module=module, globals_out=script_ns)
-    finally:
-        patches.restore()
+    def install(patches: Patches) -> None:
+        patches.wrap("dataloader-iter", make_iter)
+        try:
+            patches.wrap("trainer-train", make_train)
+        except ImportError:
+            pass
+        try:
+            ForwardCatcher(on_forward).install(patches)
+        except ImportError:
+            pass
+
+    outcome = run_patched(install, script, script_args, module=module, globals_out=script_ns)
     name = module or script
     if "error" in captured:
         raise captured["error"]

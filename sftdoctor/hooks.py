@@ -1,107 +1,16 @@
-"""Low-level hooks: process-wide patches shared by every attached Doctor, and the per-module
-activation collector.
+"""Low-level hooks: the per-module activation collector, and helpers the Doctor's hooks share.
 
-Process-wide patches (installed while at least one Doctor is attached, restored after the last
-detaches): torch.Tensor.backward (to see the raw loss and to get a safe point right after the
-backward), torch.amp.GradScaler.scale/step/update (loss scale, skipped steps), and the global
-optimizer step pre/post hooks.
+The process-wide patches an attached Doctor relies on (torch.Tensor.backward, GradScaler, the global
+optimizer hooks) are sftdoctor.patches.STEP.
 
 Autograd hooks here only *record* (reduce to 0-d tensors on the device); they never call user
 callbacks, so an exception from a callback can only surface at a safe point.
 """
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Any, Callable
 
 import torch
-
-_LOCK = threading.RLock()
-_ACTIVE: list[Any] = []  # attached Doctors, in attach order
-_SAVED: dict[str, Any] = {}  # originals of what is patched
-_HANDLES: list[Any] = []  # global optimizer hook handles
-
-
-def _each(method: str, *args) -> None:
-    for d in list(_ACTIVE):
-        getattr(d, method)(*args)
-
-
-def _backward(self, *args, **kwargs):
-    _each("_before_backward", self)
-    result = _SAVED["backward"](self, *args, **kwargs)
-    _each("_after_backward", self)  # safe point: user code called .backward(); exceptions reach it
-    return result
-
-
-def _scaler_scale(self, outputs):
-    out = _SAVED["scale"](self, outputs)
-    _each("_on_scaler_scale", self, outputs, out)
-    return out
-
-
-def _scaler_step(self, optimizer, *args, **kwargs):
-    _each("_on_scaler_step_begin", self, optimizer)
-    result = _SAVED["step"](self, optimizer, *args, **kwargs)
-    _each("_on_scaler_step_end", self, optimizer)
-    return result
-
-
-def _scaler_update(self, *args, **kwargs):
-    result = _SAVED["update"](self, *args, **kwargs)
-    _each("_on_scaler_update", self)
-    return result
-
-
-def _opt_pre(optimizer, args, kwargs):
-    _each("_on_optimizer_pre", optimizer)
-    return None
-
-
-def _opt_post(optimizer, args, kwargs):
-    _each("_on_optimizer_post", optimizer)
-
-
-def register(doctor: Any) -> None:
-    """Add a Doctor; install the process-wide patches when it is the first."""
-    from torch.amp import GradScaler
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-    with _LOCK:
-        if doctor in _ACTIVE:
-            return
-        _ACTIVE.append(doctor)
-        if len(_ACTIVE) > 1:
-            return
-        _SAVED["backward"] = torch.Tensor.backward
-        torch.Tensor.backward = _backward
-        for name, fn in (("scale", _scaler_scale), ("step", _scaler_step), ("update", _scaler_update)):
-            _SAVED[name] = GradScaler.__dict__[name]
-            setattr(GradScaler, name, fn)
-        _HANDLES.append(register_optimizer_step_pre_hook(_opt_pre))
-        _HANDLES.append(register_optimizer_step_post_hook(_opt_post))
-
-
-def unregister(doctor: Any) -> None:
-    """Remove a Doctor; restore every original when none is left. Idempotent."""
-    from torch.amp import GradScaler
-
-    with _LOCK:
-        if doctor not in _ACTIVE:
-            return
-        _ACTIVE.remove(doctor)
-        if _ACTIVE:
-            return
-        torch.Tensor.backward = _SAVED.pop("backward")
-        for name in ("scale", "step", "update"):
-            setattr(GradScaler, name, _SAVED.pop(name))
-        while _HANDLES:
-            _HANDLES.pop().remove()
-
-
-def active() -> list[Any]:
-    return list(_ACTIVE)
 
 
 def compiling() -> bool:

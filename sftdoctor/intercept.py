@@ -3,7 +3,8 @@ the probes need around it (labels a custom loss keeps outside the model, the tok
 Trainer's settings): what `sftdoctor inspect-batch train.py` and `sftdoctor watch train.py` use.
 
 The catcher is installed as transformers.PreTrainedModel.__call__ (only HF models pass through
-it) and removed again by Patches.restore(); the script itself runs through sftdoctor.runner.
+it: the patch "model-call" of sftdoctor.patches) and removed again when the script's run ends; the
+script itself runs through sftdoctor.runner.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from types import FrameType
 from typing import Any, Callable, Mapping
 
 from .errors import UserError
-from .runner import Patches, StopScript, is_our_file, inherited, print_user_traceback, run_script
+from .patches import Patches
+from .runner import StopScript, is_our_file, print_user_traceback, run_patched
 
 _BATCH_FIELDS = ("input_ids", "attention_mask", "position_ids", "labels")
 _LABEL_NAMES = ("labels", "targets", "target_ids", "loss_mask")  # tensors a custom loss often uses
@@ -52,36 +54,35 @@ class ForwardCatcher:
         self.busy = False
 
     def install(self, patches: Patches) -> None:
-        from transformers import PreTrainedModel
-
         import torch
 
-        module_call = inherited(PreTrainedModel, "__call__")
         catcher = self
         # torch.compile: a compiled model calls model.__call__ (this function) under dynamo. Dynamo must
         # skip THIS frame (as it skips nn.Module.__call__) but still compile the model's forward below
         # it (recursive=False), and must never trace what sftdoctor does (on_forward: disabled).
         on_forward = _eager(lambda *a: catcher.on_forward(*a))
 
-        def __call__(model, *args, **kwargs):
-            if catcher.busy or catcher.depth or not is_causal_lm(model):
-                return module_call(model, *args, **kwargs)
-            catcher.depth += 1
-            try:
-                catcher.busy = True
+        def make(module_call):  # module_call: nn.Module.__call__ as PreTrainedModel inherits it
+            def __call__(model, *args, **kwargs):
+                if catcher.busy or catcher.depth or not is_causal_lm(model):
+                    return module_call(model, *args, **kwargs)
+                catcher.depth += 1
                 try:
-                    on_forward(model, args, kwargs, _caller_frame())
+                    catcher.busy = True
+                    try:
+                        on_forward(model, args, kwargs, _caller_frame())
+                    finally:
+                        catcher.busy = False
+                    return module_call(model, *args, **kwargs)
                 finally:
-                    catcher.busy = False
-                return module_call(model, *args, **kwargs)
-            finally:
-                catcher.depth -= 1
+                    catcher.depth -= 1
 
-        try:
-            __call__ = torch.compiler.disable(__call__, recursive=False)
-        except Exception:  # an older torch without recursive=False: plain function
-            pass
-        patches.set(PreTrainedModel, "__call__", __call__)
+            try:
+                return torch.compiler.disable(__call__, recursive=False)
+            except Exception:  # an older torch without recursive=False: plain function
+                return __call__
+
+        patches.wrap("model-call", make)
 
 
 def _caller_frame() -> FrameType:
@@ -389,12 +390,7 @@ def inspect_script(script: str | None, script_args: list[str], *, module: str | 
             pass
         raise StopScript("first model forward inspected")
 
-    patches = Patches()
-    ForwardCatcher(on_forward).install(patches)
-    try:
-        outcome = run_script(script, script_args, module=module, globals_out=script_ns)
-    finally:
-        patches.restore()
+    outcome = run_patched(ForwardCatcher(on_forward).install, script, script_args, module=module, globals_out=script_ns)
     name = module or script
     if "error" in captured:
         raise captured["error"]

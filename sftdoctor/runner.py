@@ -4,7 +4,8 @@ interpreter back afterwards: what `inspect-batch` and `watch` run the user's tra
 The script runs as `__main__` with its own sys.argv, sys.path[0] = its folder and the user's cwd
 (coverage.py's PyRunner). sys.argv, sys.path, cwd, __main__ and signal handlers are restored on
 the way out; an exception of the script is kept (not raised) and its traceback can be printed as
-Python prints it, minus sftdoctor's frames.
+Python prints it, minus sftdoctor's frames. run_patched runs it with patches (sftdoctor.patches)
+installed for the script's run only.
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 from .errors import UserError
+from .patches import Patches
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _OUR_DIRS = (_PACKAGE_DIR, str(Path(__file__).resolve().parents[1] / "probes"), str(Path(__file__).resolve().parents[1] / "reports"))
@@ -34,39 +36,6 @@ class StopScript(BaseException):
         self.reason = reason
         self.status = status
         self.exit_code = exit_code  # e.g. 143 for "terminated" (SIGTERM under torchrun)
-
-
-# ---- patching ------------------------------------------------------------------------------
-
-class Patches:
-    """Attributes set on classes/modules, undone in reverse order by restore()."""
-
-    def __init__(self) -> None:
-        self._undo: list[tuple[Any, str, bool, Any]] = []
-
-    def set(self, owner: Any, name: str, value: Any) -> None:
-        had_own = name in vars(owner)
-        self._undo.append((owner, name, had_own, vars(owner).get(name)))
-        setattr(owner, name, value)
-
-    def restore(self) -> None:
-        while self._undo:
-            owner, name, had_own, old = self._undo.pop()
-            if had_own:
-                setattr(owner, name, old)
-            else:
-                try:
-                    delattr(owner, name)  # the attribute was inherited: deleting it uncovers the original
-                except AttributeError:
-                    pass
-
-
-def inherited(cls: type, name: str) -> Any:
-    """The attribute `name` as cls would find it without its own override."""
-    for base in cls.__mro__[1:]:
-        if name in vars(base):
-            return vars(base)[name]
-    raise AttributeError(name)
 
 
 # ---- the script --------------------------------------------------------------------------
@@ -153,6 +122,15 @@ def run_script(script: str | None, args: list[str], *, module: str | None = None
         except OSError:
             pass
         _restore_signals(saved_signals)
+
+
+def run_patched(install: Callable[[Patches], None], script: str | None, args: list[str], *,
+                module: str | None = None, globals_out: dict[str, Any] | None = None) -> Outcome:
+    """run_script with the patches `install` sets (sftdoctor.patches) in place for the script's run
+    only: they are restored on the way out however it ends, an exception of install included."""
+    with Patches() as patches:
+        install(patches)
+        return run_script(script, args, module=module, globals_out=globals_out)
 
 
 def _execute(target: str, module: str | None, main_mod: ModuleType | None) -> Outcome:

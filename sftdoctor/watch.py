@@ -24,7 +24,8 @@ from .intercept import (ForwardCatcher, running_main_globals, capture, close_pro
                         find_tokenizer, probe_ready, trainer_hints, trainer_tokenizer)
 from .live import LiveView
 from .report import Report
-from .runner import Patches, StopScript, print_user_traceback, resolve_script, run_script
+from .patches import ENTRIES, Patches
+from .runner import StopScript, print_user_traceback, resolve_script, run_script
 
 CHECKPOINT_IDS = ("weights-nonfinite", "tied-weights-mismatch")
 GENERATION_IDS = ("generation-degenerate", "generation-never-stops")
@@ -65,7 +66,6 @@ class Watcher:
         self._saving = False
         self.optimizer_steps = 0  # steps of any optimizer holding a parameter of a watched model
         self._optimizer_is_ours: dict[int, bool] = {}
-        self._step_hook = None
         self._trainers: list[Any] = []
         self._batches: Any = None  # BatchStream: cheap batch checks on every training batch
         self._deferred: dict[str, Any] | None = None  # label checks waiting for the gradient (see _resolve_labels)
@@ -104,49 +104,44 @@ class Watcher:
         return self.report
 
     def install(self) -> None:
-        from transformers import PreTrainedModel
-
+        """Install watch's patches (sftdoctor.patches): the forward catcher, save_pretrained, generate,
+        Trainer.train, torch.save, and a global optimizer step post-hook; uninstall() restores them."""
         self._catcher.install(self._patches)
-        self._patch_method(PreTrainedModel, "save_pretrained", self._after_save_pretrained)
+        self._patch_method("save-pretrained", self._after_save_pretrained)
         try:
-            from transformers.generation import GenerationMixin
-
-            self._patch_method(GenerationMixin, "generate", self._after_generate)
+            self._patch_method("generate", self._after_generate)
         except ImportError:
             pass
-        try:
-            from transformers import Trainer
+        watcher = self
 
-            original_train = Trainer.train
-            watcher = self
-
+        def make_train(original_train):
             def train(trainer, *args, **kwargs):
                 try:
                     watcher._attach_trainer(trainer)
                 except Exception as e:  # e.g. a model_init Trainer: attached at its first forward instead
                     internal.add(watcher.report, internal.entry("attaching to the Trainer", e, STEP_CHECKS))
                 return original_train(trainer, *args, **kwargs)
+            return train
 
-            self._patches.set(Trainer, "train", train)
+        try:
+            self._patches.wrap("trainer-train", make_train)
         except ImportError:
             pass
-        original_save = torch.save
-        watcher = self
 
-        def save(obj, f, *args, **kwargs):
-            result = original_save(obj, f, *args, **kwargs)
-            if isinstance(obj, Mapping) and not watcher._saving:
-                where = os.fsdecode(f) if isinstance(f, (str, bytes, os.PathLike)) else "<file object>"
-                try:
-                    watcher._check_saved(obj, None, where)
-                except Exception as e:
-                    internal.add(watcher.report, internal.entry("checking a torch.save", e, CHECKPOINT_IDS[:1]))
-            return result
+        def make_save(original_save):
+            def save(obj, f, *args, **kwargs):
+                result = original_save(obj, f, *args, **kwargs)
+                if isinstance(obj, Mapping) and not watcher._saving:
+                    where = os.fsdecode(f) if isinstance(f, (str, bytes, os.PathLike)) else "<file object>"
+                    try:
+                        watcher._check_saved(obj, None, where)
+                    except Exception as e:
+                        internal.add(watcher.report, internal.entry("checking a torch.save", e, CHECKPOINT_IDS[:1]))
+                return result
+            return save
 
-        self._patches.set(torch, "save", save)
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        self._step_hook = register_optimizer_step_post_hook(self._after_optimizer_step)
+        self._patches.wrap("torch-save", make_save)
+        self._patches.optimizer_hook("post", self._after_optimizer_step)
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         # counted here, not from the Doctor: a Trainer steps accelerate's wrapper around the optimizer
@@ -166,26 +161,27 @@ class Watcher:
             except Exception:
                 pass
         self._patches.restore()
-        if self._step_hook is not None:
-            self._step_hook.remove()
-            self._step_hook = None
 
-    def _patch_method(self, owner: type, name: str, after) -> None:
-        original = getattr(owner, name)
+    def _patch_method(self, entry: str, after) -> None:
+        """Patch ENTRIES[entry] so that after(obj, args, kwargs, result) runs once the original returned."""
+        name = ENTRIES[entry].attr
         watcher = self
 
-        def patched(obj, *args, **kwargs):
-            result = original(obj, *args, **kwargs)
-            if not watcher._saving:
-                try:
-                    after(obj, args, kwargs, result)
-                except Exception as e:  # a check of ours failing must not fail the user's save
-                    internal.add(watcher.report, internal.entry(
-                        f"checking {name}", e, CHECKPOINT_IDS if name == "save_pretrained" else GENERATION_IDS))
-            return result
+        def make(original):
+            def patched(obj, *args, **kwargs):
+                result = original(obj, *args, **kwargs)
+                if not watcher._saving:
+                    try:
+                        after(obj, args, kwargs, result)
+                    except Exception as e:  # a check of ours failing must not fail the user's save
+                        internal.add(watcher.report, internal.entry(
+                            f"checking {name}", e, CHECKPOINT_IDS if name == "save_pretrained" else GENERATION_IDS))
+                return result
 
-        patched.__wrapped__ = original
-        self._patches.set(owner, name, patched)
+            patched.__wrapped__ = original
+            return patched
+
+        self._patches.wrap(entry, make)
 
     # ---- the first forward, and every forward's cheap check ------------------------------------------
     def _on_forward(self, model, args, kwargs, frame) -> None:

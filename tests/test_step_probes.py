@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sftdoctor
-from sftdoctor import hooks
+from sftdoctor import patches
 from sftdoctor.attach import attach
 
 from step_fixtures import (IGNORE, batch, boost_mlp, correct_loss, custom_step, double_shift_loss, hf_step, model, pad_with,
@@ -459,7 +459,7 @@ def test_detach_restores_everything_and_keeps_nothing_alive():
     doc.detach()  # idempotent
     assert (torch.Tensor.backward, GradScaler.scale, GradScaler.step, GradScaler.update) == orig
     assert sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules()) == n_hooks
-    assert hooks.active() == []
+    assert patches.STEP.users() == []
     assert sftdoctor.attach is attach or callable(sftdoctor.attach)
 
 
@@ -482,7 +482,7 @@ def test_callbacks_run_at_safe_points_and_their_exceptions_reach_the_script():
             out.loss.backward()  # raised from the user's own call, after autograd finished
         assert m.model.norm.weight.grad is not None
     assert seen == ["grad-from-ignored-tokens"]
-    assert doc.records and doc.records[0]["step"] == 0 and hooks.active() == []
+    assert doc.records and doc.records[0]["step"] == 0 and patches.STEP.users() == []
 
 
 def test_sampling_policy_full_steps_then_every_n():
