@@ -29,6 +29,7 @@ from .context import Batch, ModelInfo, ProbeContext, TokenizerInfo
 from .engine import Registry
 from .errors import UserError
 from .findings import Finding
+from .frames import trainer_tokenizer
 from .probes import REGISTRY
 from .report import Report
 from .session import Session, token_samples
@@ -120,12 +121,10 @@ class Doctor:
             self._signature = inspect.signature(model.forward)
         except (TypeError, ValueError):
             self._signature = None
-        from .intercept import _eager
-
         # eager even around a torch.compile'd model (the root's hooks run outside its compiled forward)
         self._handles = [
-            model.register_forward_pre_hook(_eager(self._on_forward_start), with_kwargs=True),
-            model.register_forward_hook(_eager(self._on_forward_end), with_kwargs=True),
+            model.register_forward_pre_hook(hooks.eager(self._on_forward_start), with_kwargs=True),
+            model.register_forward_hook(hooks.eager(self._on_forward_end), with_kwargs=True),
         ]
         patches.STEP.acquire(self)
 
@@ -813,7 +812,6 @@ def attach(obj: Any, tokenizer: Any = None, *, optimizer: Any = None, every: int
         trainer = obj
         model = obj.model
         if tokenizer is None:
-            from .intercept import trainer_tokenizer
 
             tokenizer = trainer_tokenizer(obj)[0] or getattr(obj, "tokenizer", None)
         if optimizer is None:

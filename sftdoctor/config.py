@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .probes import REGISTRY
 
 
 def find_pyproject(start: Path | None = None) -> Path | None:
@@ -34,10 +35,8 @@ def load_settings(start: Path | None = None) -> dict[str, Any]:
 
 def ignored_ids(cli_ignore: list[str] | None) -> set[str]:
     """Ids to ignore: --ignore flags plus [tool.sftdoctor] ignore."""
-    from sftdoctor.probes import ALL
-
     ids = set(cli_ignore or []) | set(load_settings().get("ignore", []))
-    known = {i for p in ALL for i in p.ids}
+    known = set(REGISTRY.ids)
     unknown = sorted(ids - known)
     if unknown:
         raise UserError(f"unknown finding id(s) to ignore: {', '.join(unknown)}; `sftdoctor probes` lists them")

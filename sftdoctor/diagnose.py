@@ -20,9 +20,11 @@ import torch
 
 from .checkpoint import DTYPE_LIMITS, FP16_MAX, CheckpointRecord, read_generation_config, scan_weights, weight_change
 from .context import ModelInfo, ProbeContext, TokenizerInfo
-from .engine import run_probes
+from .engine import Registry
 from .errors import UserError
+from .probes import REGISTRY
 from .report import Report
+from .session import Session
 
 # GSM8K-style questions (written for sftdoctor, not taken from the GSM8K test set).
 DEFAULT_QUESTIONS = [
@@ -370,7 +372,7 @@ def record_metrics(record: CheckpointRecord, tok: TokenizerInfo) -> dict[str, An
 def diagnose(path: str, *, base: str | None = None, prompts: str | list[str] | None = None, dtype: str | None = None,
              max_new_tokens: int = 64, num_prompts: int = 8, trust_remote_code: bool = False,
              tokenizer: Any = None, prompt_format: str | None = None, attn_implementation: str | None = None,
-             ignore: Iterable[str] = ()) -> Report:
+             ignore: Iterable[str] = (), registry: Registry = REGISTRY) -> Report:
     """Diagnose a saved model (folder or Hub id) and return the Report.
 
     prompts: a .jsonl (question field) or text file, or a list of questions (default: built-in
@@ -379,9 +381,6 @@ def diagnose(path: str, *, base: str | None = None, prompts: str | list[str] | N
     attn_implementation: eager / sdpa as the serving stack runs it (fp16 overflow in Q.K^T shows
     under eager; default: what transformers picks).
     """
-    from sftdoctor.api import environment
-    from sftdoctor.probes import CHECKPOINT
-
     from . import trainmeta
     from .loading import resolve_checkpoint
 
@@ -418,15 +417,14 @@ def diagnose(path: str, *, base: str | None = None, prompts: str | list[str] | N
     if meta is not None:
         hints["training"] = {**meta.get("training", {}), "source": trainmeta.FILE}
     ctx = ProbeContext(tokenizer=tok, model=ModelInfo.from_config(config), checkpoint=record, hints=hints)
-    report = Report(command="diagnose", environment=environment())
-    findings, checks = run_probes(ctx, CHECKPOINT, ignore=set(ignore))
-    report.add(findings)
-    report.record_checks(checks)
+    session = Session("diagnose", registry, ignore=ignore)
+    session.check(ctx, "checkpoint")
+    report = session.report
     report.metrics.update(record_metrics(record, tok))
     if meta is not None:
         report.metrics["trained_by_sftdoctor"] = {"prompt_format": prompt_format, "end_tokens": meta.get("end_tokens"),
                                                   "training": meta.get("training")}
-    return report
+    return session.finish()
 
 
 def _default_stops(path: str, tokenizer: Any) -> set[int]:

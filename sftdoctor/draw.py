@@ -237,7 +237,8 @@ def inspect_script_dataset(script: str | None, script_args: list[str], *, module
     """Run the script until its training data exists, check `batches` batches (None: all) of it
     through its own dataset and collator, stop the script, and return the Report."""
     from .dataset import DatasetInspector
-    from .intercept import ForwardCatcher, close_progress_bars, find_tokenizer, running_main_globals
+    from .frames import find_tokenizer, tokenizer_in
+    from .intercept import ForwardCatcher, close_progress_bars, running_main_globals
 
     captured: dict[str, Any] = {}
     script_ns: dict[str, Any] = {}
@@ -247,9 +248,8 @@ def inspect_script_dataset(script: str | None, script_args: list[str], *, module
         globals_ = script_ns.get("globals") or running_main_globals()
         tok = src.tokenizer
         if tok is None:
-            from .intercept import _tokenizer_in
 
-            tok = _tokenizer_in(src.collate) or _tokenizer_in(src.dataset) or find_tokenizer(frame, globals_)
+            tok = tokenizer_in(src.collate) or tokenizer_in(src.dataset) or find_tokenizer(frame, globals_)
         hints = dict(src.hints)
         if max_length:
             hints["max_length"] = max_length
@@ -334,7 +334,7 @@ def inspect_folder(folder: str, tokenizer: Any, model: Any = None, *, batches: i
     import re
     from pathlib import Path
 
-    from .cli.inspect_batch import load_batch_file
+    from .loading import load_batch_file
     from .dataset import DatasetInspector
 
     files = sorted((p for p in Path(folder).iterdir() if p.is_file() and p.suffix in (".pt", ".pth", ".bin")),

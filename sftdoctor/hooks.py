@@ -13,6 +13,15 @@ from typing import Any, Callable
 import torch
 
 
+def eager(fn: Callable) -> Callable:
+    """fn, never traced by torch.compile (it runs eagerly even when called from a compiled region's
+    surroundings); fn itself where torch.compiler.disable is unavailable."""
+    try:
+        return torch.compiler.disable(fn)
+    except Exception:
+        return fn
+
+
 def compiling() -> bool:
     """True while torch.compile (dynamo) traces: our hooks then do nothing, so they never enter a
     compiled graph (their Python side effects cannot be traced); a compiled model is observed from

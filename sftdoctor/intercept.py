@@ -14,7 +14,10 @@ from types import FrameType
 from typing import Any, Callable, Mapping
 
 from .errors import UserError
+from .frames import find_in_frames, find_tokenizer, trainer_tokenizer, tokenizer_in
+from .hooks import eager
 from .patches import Patches
+from .probes import REGISTRY
 from .runner import StopScript, is_our_file, print_user_traceback, run_patched
 
 _BATCH_FIELDS = ("input_ids", "attention_mask", "position_ids", "labels")
@@ -60,7 +63,7 @@ class ForwardCatcher:
         # torch.compile: a compiled model calls model.__call__ (this function) under dynamo. Dynamo must
         # skip THIS frame (as it skips nn.Module.__call__) but still compile the model's forward below
         # it (recursive=False), and must never trace what sftdoctor does (on_forward: disabled).
-        on_forward = _eager(lambda *a: catcher.on_forward(*a))
+        on_forward = eager(lambda *a: catcher.on_forward(*a))
 
         def make(module_call):  # module_call: nn.Module.__call__ as PreTrainedModel inherits it
             def __call__(model, *args, **kwargs):
@@ -95,17 +98,6 @@ def _caller_frame() -> FrameType:
                                         or f"{os.sep}torch{os.sep}compiler{os.sep}" in frame.f_code.co_filename):
         frame = frame.f_back
     return frame
-
-
-def _eager(fn: Callable) -> Callable:
-    """fn, never traced by torch.compile (it runs eagerly even when called from a compiled region's
-    surroundings); fn itself where torch.compiler.disable is unavailable."""
-    try:
-        import torch
-
-        return torch.compiler.disable(fn)
-    except Exception:
-        return fn
 
 
 def capture(model: Any, args: tuple, kwargs: dict, frame: FrameType) -> Forward:
@@ -164,9 +156,7 @@ def _downgrade_guessed(report: Any, labels_from: str) -> None:
     """The model got no labels: the tensor found in the caller (labels_from) is a GUESS at what the
     loss uses, and inspect-batch stops before the loss runs, so no gradient can confirm it. A fail
     read from that guess is downgraded to a warn that says so (watch measures it instead)."""
-    from .probes import BATCH
-
-    label_ids = {i for p in BATCH if "labels" in p.needs for i in p.ids}
+    label_ids = {i for p in REGISTRY.at("batch") if "labels" in p.needs for i in p.ids}
     for f in report.findings:
         if f.id in label_ids and f.level == "batch" and f.severity == "fail":
             f.severity = "warn"
@@ -205,94 +195,6 @@ def _same_tensor(a: Any, b: Any) -> bool:
     if a is b:
         return True
     return isinstance(a, torch.Tensor) and a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
-
-
-# ---- finding the tokenizer ------------------------------------------------------------------
-
-def _tokenizer_in(value: Any, depth: int = 0) -> Any:
-    """The tokenizer held by value: itself, a Trainer's processing_class, a collator's tokenizer,
-    a DataLoader's collate_fn, a functools.partial's keywords."""
-    from transformers import PreTrainedTokenizerBase
-
-    if isinstance(value, PreTrainedTokenizerBase):
-        return value
-    if depth >= 2 or value is None or isinstance(value, (str, bytes, int, float, bool, list, tuple, dict)):
-        return None
-    own = getattr(value, "__dict__", None)
-    if not isinstance(own, dict):
-        return None
-    for name in ("processing_class", "tokenizer", "_tokenizer", "processor", "data_collator", "collate_fn", "keywords"):
-        sub = own.get(name)
-        if isinstance(sub, dict):  # functools.partial(collate, tokenizer=tok).keywords
-            for v in sub.values():
-                found = _tokenizer_in(v, depth + 1)
-                if found is not None:
-                    return found
-        elif sub is not None:
-            found = _tokenizer_in(sub, depth + 1)
-            if found is not None:
-                return found
-    return None
-
-
-def trainer_tokenizer(trainer: Any, script_globals: Mapping[str, Any] | None = None) -> tuple[Any, str]:
-    """The tokenizer a Trainer's batches were made with, and where it was found: processing_class,
-    else the data collator's, else the train dataset's, else the script's globals. (None, "") when
-    there is none: the EOS checks then say they did not run."""
-    for where, value in (("processing_class", getattr(trainer, "processing_class", None)),
-                         ("data_collator", getattr(trainer, "data_collator", None)),
-                         ("train_dataset", getattr(trainer, "train_dataset", None))):
-        try:
-            found = _tokenizer_in(value)
-        except Exception:
-            found = None
-        if found is not None:
-            return found, where
-    for value in list((script_globals or {}).values()):
-        found = _tokenizer_in(value)
-        if found is not None:
-            return found, "the script's globals"
-    return None, ""
-
-
-def find_tokenizer(frame: FrameType | None, script_globals: Mapping[str, Any] | None = None) -> Any:
-    """The tokenizer the script uses: the calling frames' locals first (nearest first), then the
-    script's globals, then (last resort) any tokenizer alive in the process."""
-    depth = 0
-    while frame is not None and depth < 40:
-        if not is_our_file(frame.f_code.co_filename):
-            for value in list(frame.f_locals.values()):
-                found = _tokenizer_in(value)
-                if found is not None:
-                    return found
-        frame, depth = frame.f_back, depth + 1
-    for value in list((script_globals or {}).values()):
-        found = _tokenizer_in(value)
-        if found is not None:
-            return found
-    import gc
-
-    from transformers import PreTrainedTokenizerBase
-
-    for obj in gc.get_objects():
-        if isinstance(obj, PreTrainedTokenizerBase):
-            return obj
-    return None
-
-
-def find_in_frames(frame: FrameType | None, kind: type, script_globals: Mapping[str, Any] | None = None) -> Any:
-    """The nearest instance of `kind` among the calling frames' locals (and their `self`'s
-    attributes one level down), then the script's globals."""
-    depth = 0
-    while frame is not None and depth < 40:
-        for value in list(frame.f_locals.values()):
-            if isinstance(value, kind):
-                return value
-        frame, depth = frame.f_back, depth + 1
-    for value in list((script_globals or {}).values()):
-        if isinstance(value, kind):
-            return value
-    return None
 
 
 def close_progress_bars(trainer: Any) -> None:

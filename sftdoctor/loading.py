@@ -188,3 +188,25 @@ def load_checkpoint_tokenizer(folder: str | os.PathLike, *, shown_as: str | None
         raise
     except Exception as e:
         raise _hub_error("tokenizer", shown, e) from None
+
+
+def load_batch_file(path: str) -> dict:
+    """A torch.save'd batch, loaded with weights_only=True: tensors and plain containers only, so a
+    file can never run code here (never retried with weights_only=False)."""
+    import torch
+
+    from .paths import require_regular_file
+
+    p = require_regular_file(path, "batch file", f"save one with torch.save(dict(batch), '{Path(path).name}') in your loop")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours its refusal text
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found or "Unsupported global" in text or "Unsupported class" in text:
+            what = f" ({found.group(1)})" if found else ""
+            raise UserError(f"{path} holds non-tensor objects{what}; sftdoctor loads only tensors and plain containers "
+                            f"(it never runs a file's code): save the batch as a plain dict, torch.save(dict(batch), '{p.name}')") from None
+        raise UserError(f"cannot read {path} as a torch.save'd batch: it is not a torch.save file, or it is truncated; "
+                        f"save one with torch.save(dict(batch), '{p.name}')") from None
+    return obj

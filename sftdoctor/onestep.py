@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 
+from .attach import attach
+from .frames import find_in_frames
+
 
 class OneStep:
     """attach() the step probes at the first forward; stop() raises StopScript at the first
@@ -25,8 +28,6 @@ class OneStep:
 
     def start(self, model: Any, tokenizer: Any, optimizer: Any, ignore) -> None:
         from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-        from .attach import attach
 
         try:
             self.doctor = attach(model, tokenizer, optimizer=optimizer, every=1, full_steps=1 << 30, ignore=ignore,
@@ -70,6 +71,5 @@ class OneStep:
 
 
 def find_optimizer(frame: Any, globals_: dict) -> Any:
-    from .intercept import find_in_frames
 
     return find_in_frames(frame, torch.optim.Optimizer, globals_)

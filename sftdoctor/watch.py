@@ -20,8 +20,8 @@ import torch
 from . import distributed, internal
 from .attach import STEP_CHECKS
 from .findings import CheckResult, Finding
-from .intercept import (ForwardCatcher, running_main_globals, capture, close_progress_bars, complete_batch, find_in_frames,
-                        find_tokenizer, probe_ready, trainer_hints, trainer_tokenizer)
+from .frames import find_in_frames, find_tokenizer, trainer_tokenizer
+from .intercept import (ForwardCatcher, capture, close_progress_bars, complete_batch, probe_ready, running_main_globals, trainer_hints)
 from .live import LiveView
 from .report import Report
 from .patches import ENTRIES, Patches

@@ -1,6 +1,8 @@
 """`sftdoctor probes`: list every check with its id, level and one line (--json for tools)."""
 from __future__ import annotations
 
+from ..probes import REGISTRY
+
 SCHEMA = "sftdoctor.probes/1"
 
 
@@ -15,10 +17,8 @@ def add_parser(sub) -> None:
 
 
 def rows(level: str | None = None) -> list[dict]:
-    from sftdoctor.probes import ALL
-
     out = []
-    for p in ALL:
+    for p in REGISTRY.probes:
         if level and p.level != level:
             continue
         for i in p.ids:
