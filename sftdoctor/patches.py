@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 
 @dataclass(frozen=True)
@@ -173,25 +173,38 @@ class Shared:
     def users(self) -> list[Any]:
         return list(self._users)
 
-    def each(self, method: str, *args: Any) -> None:
-        """Call `method` on every user, in acquire order."""
+    def each(self, event: Callable[[Any], None]) -> None:
+        """Send one event to every user, in acquire order (event(user) calls one StepEvents method)."""
         for user in list(self._users):
-            getattr(user, method)(*args)
+            event(user)
 
 
 # ---- STEP: what an attached Doctor observes of the training step -------------------------------------
 
-# The events STEP sends to each user (attach.Doctor), by method name, with their arguments. The
-# wrappers only dispatch: each method is called at a safe point (never inside an autograd hook).
+class StepEvents(Protocol):
+    """What STEP's users (sftdoctor.observer.StepObserver) implement. The wrappers only dispatch;
+    each method is called at a safe point (never inside an autograd hook)."""
+
+    def before_backward(self, loss: Any) -> None: ...
+    def after_backward(self, loss: Any) -> None: ...
+    def scaler_scaled(self, scaler: Any, outputs: Any, scaled: Any) -> None: ...
+    def scaler_step_begin(self, scaler: Any, optimizer: Any) -> None: ...
+    def scaler_step_end(self, scaler: Any, optimizer: Any) -> None: ...
+    def scaler_updated(self, scaler: Any) -> None: ...
+    def optimizer_step_begin(self, optimizer: Any) -> None: ...
+    def optimizer_step_end(self, optimizer: Any) -> None: ...
+
+
+# When each StepEvents method is called, with its arguments.
 STEP_EVENTS = {
-    "_before_backward": "(loss): Tensor.backward is about to run on this tensor",
-    "_after_backward": "(loss): the backward returned (a safe point: an exception reaches the script)",
-    "_on_scaler_scale": "(scaler, outputs, scaled): GradScaler.scale returned `scaled`",
-    "_on_scaler_step_begin": "(scaler, optimizer): GradScaler.step starts",
-    "_on_scaler_step_end": "(scaler, optimizer): GradScaler.step returned",
-    "_on_scaler_update": "(scaler): GradScaler.update returned",
-    "_on_optimizer_pre": "(optimizer): any optimizer's step starts",
-    "_on_optimizer_post": "(optimizer): any optimizer's step returned",
+    "before_backward": "(loss): Tensor.backward is about to run on this tensor",
+    "after_backward": "(loss): the backward returned (a safe point: an exception reaches the script)",
+    "scaler_scaled": "(scaler, outputs, scaled): GradScaler.scale returned `scaled`",
+    "scaler_step_begin": "(scaler, optimizer): GradScaler.step starts",
+    "scaler_step_end": "(scaler, optimizer): GradScaler.step returned",
+    "scaler_updated": "(scaler): GradScaler.update returned",
+    "optimizer_step_begin": "(optimizer): any optimizer's step starts",
+    "optimizer_step_end": "(optimizer): any optimizer's step returned",
 }
 
 
@@ -200,40 +213,40 @@ def _install_step(p: Patches, shared: Shared) -> None:
 
     def make_backward(original):
         def backward(self, *args, **kwargs):
-            each("_before_backward", self)
+            each(lambda u: u.before_backward(self))
             result = original(self, *args, **kwargs)
-            each("_after_backward", self)  # safe point: user code called .backward(); exceptions reach it
+            each(lambda u: u.after_backward(self))  # safe point: user code called .backward(); exceptions reach it
             return result
         return backward
 
     def make_scale(original):
         def scale(self, outputs):
             out = original(self, outputs)
-            each("_on_scaler_scale", self, outputs, out)
+            each(lambda u: u.scaler_scaled(self, outputs, out))
             return out
         return scale
 
     def make_step(original):
         def step(self, optimizer, *args, **kwargs):
-            each("_on_scaler_step_begin", self, optimizer)
+            each(lambda u: u.scaler_step_begin(self, optimizer))
             result = original(self, optimizer, *args, **kwargs)
-            each("_on_scaler_step_end", self, optimizer)
+            each(lambda u: u.scaler_step_end(self, optimizer))
             return result
         return step
 
     def make_update(original):
         def update(self, *args, **kwargs):
             result = original(self, *args, **kwargs)
-            each("_on_scaler_update", self)
+            each(lambda u: u.scaler_updated(self))
             return result
         return update
 
     def opt_pre(optimizer, args, kwargs):
-        each("_on_optimizer_pre", optimizer)
+        each(lambda u: u.optimizer_step_begin(optimizer))
         return None  # no replacement of the step's arguments
 
     def opt_post(optimizer, args, kwargs):
-        each("_on_optimizer_post", optimizer)
+        each(lambda u: u.optimizer_step_end(optimizer))
 
     p.wrap("tensor-backward", make_backward)
     p.wrap("scaler-scale", make_scale)
@@ -245,4 +258,5 @@ def _install_step(p: Patches, shared: Shared) -> None:
 
 STEP = Shared("step", _install_step,
               "tensor-backward, scaler-scale/step/update and the global optimizer step hooks, while at least one "
-              "Doctor is attached: each sends STEP_EVENTS to every attached Doctor")
+              "StepObserver is attached: each sends StepEvents to every attached observer")
+assert set(STEP_EVENTS) == {n for n in vars(StepEvents) if not n.startswith("_")}  # one list of events

@@ -69,11 +69,13 @@ class Report:
             elif r.status != "skipped":
                 old.status = worst([old.status, r.status])
 
-    def merge(self, other: "Report") -> None:
-        self.add(other.findings)
+    def merge(self, other: "Report") -> list[Finding]:
+        """Findings, checks and repeats of another report (a part of this run); returns the new findings."""
+        new = self.add(other.findings)
         self.record_checks(CheckResult(**vars(c)) for c in other.checks)
         for k, n in other.repeats.items():
             self.repeats[k] = self.repeats.get(k, 0) + n
+        return new
 
     # ---- reading --------------------------------------------------------------------------
     @property

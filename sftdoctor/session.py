@@ -84,13 +84,20 @@ class Session:
         return probe.family if probe is not None else "other"
 
     # ---- joining parts ----------------------------------------------------------------------------
-    def merge(self, other: Report, *, metrics: Iterable[str] = ()) -> None:
-        """Join a report built by another part of this run (a sub-step, a rank): its findings and
-        checks, and the named metrics keys."""
-        self.report.merge(other)
+    def merge(self, other: Report, *, metrics: Iterable[str] = (), fill: bool = False) -> list[Finding]:
+        """Join a report built by another part of this run (a sub-step, a Doctor, a rank): its
+        findings, checks and repeats; the named metrics keys replace ours, and with fill=True every
+        other metric and the token view fill what this report lacks. Returns the new findings."""
+        new = self.report.merge(other)
         for key in metrics:
             if key in other.metrics:
                 self.report.metrics[key] = other.metrics[key]
+        if fill:
+            for key, value in other.metrics.items():
+                self.report.metrics.setdefault(key, value)
+            if not self.report.samples and other.samples:
+                self.report.samples = other.samples
+        return new
 
     # ---- ending -----------------------------------------------------------------------------------
     def finish(self) -> Report:

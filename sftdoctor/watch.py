@@ -18,13 +18,16 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from . import distributed, internal
+from .api import inspect_batch
 from .attach import STEP_CHECKS
 from .findings import CheckResult, Finding
 from .frames import find_in_frames, find_tokenizer, trainer_tokenizer
 from .intercept import (ForwardCatcher, capture, close_progress_bars, complete_batch, probe_ready, running_main_globals, trainer_hints)
 from .live import LiveView
-from .report import Report
 from .patches import ENTRIES, Patches
+from .probes import REGISTRY
+from .report import Report
+from .session import Session
 from .runner import StopScript, print_user_traceback, resolve_script, run_script
 
 CHECKPOINT_IDS = ("weights-nonfinite", "tied-weights-mismatch")
@@ -46,14 +49,13 @@ class Watcher:
     """Everything `watch` attaches to one run of the script, and the report it builds."""
 
     def __init__(self, options: WatchOptions, view: LiveView | None = None, job: distributed.Job | None = None):
-        from .api import environment
-
         self.options = options
         self.view = view or LiveView(plain=True, quiet=True)
         self.job = job  # this rank's part in a multi-process job (None: one process)
         self.rank = job.rank if job is not None else distributed.rank()
         self.in_script = False  # True while the user's script runs (a SIGTERM then stops it)
-        self.report = Report(command="watch", environment=environment())
+        self.session = Session("watch", REGISTRY, ignore=options.ignore, rank=self.rank)
+        self.report = self.session.report
         self.doctors: list[Any] = []
         self._attached: set[int] = set()  # id() of models with a Doctor
         self._batch_done = False
@@ -101,7 +103,7 @@ class Watcher:
                                       "step_probes": self.options.step_probes}
         if self.rank is not None:
             self.report.run["rank"] = self.rank
-        return self.report
+        return self.session.finish()
 
     def install(self) -> None:
         """Install watch's patches (sftdoctor.patches): the forward catcher, save_pretrained, generate,
@@ -205,10 +207,8 @@ class Watcher:
             except StopScript:
                 raise
             except Exception as e:  # sftdoctor's own failure must never break the user's training
-                from .probes import BATCH
-
                 internal.add(self.report, internal.entry("the first training forward (batch checks, attach)", e,
-                                                         [i for p in BATCH for i in p.ids]))
+                                                         [i for p in REGISTRY.at("batch") for i in p.ids]))
         self._every_batch(model, args, kwargs)
 
     def _every_batch(self, model, args, kwargs) -> None:
@@ -224,9 +224,7 @@ class Watcher:
 
             self._batches.observe(bind_batch(model, args, kwargs))
         except Exception as e:  # ours: never breaks the user's training
-            from .probes import BATCH
-
-            internal.add(self.report, internal.entry("the every-batch checks", e, [i for p in BATCH for i in p.ids]))
+            internal.add(self.report, internal.entry("the every-batch checks", e, [i for p in REGISTRY.at("batch") for i in p.ids]))
 
     def _first_forward_of(self, model, args, kwargs, frame) -> None:
         script_globals = self._script_ns.get("globals") or running_main_globals()
@@ -244,7 +242,6 @@ class Watcher:
             self._inspect_first_batch(fw, hints)
 
     def _inspect_first_batch(self, fw, hints: dict[str, Any]) -> None:
-        from .api import inspect_batch
         from .context import ModelInfo
 
         batch, labels_from = complete_batch(fw)
@@ -262,11 +259,13 @@ class Watcher:
             self._deferred = {"batch": {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()},
                               "guessed": {k: v.detach().cpu() for k, v in guessed.items()}, "labels_from": labels_from,
                               "hints": dict(hints), "model_info": model_info}
-            hints = dict(hints, why_no_labels="needs labels: the model was called without labels; the label checks run on "
-                                              "the labels the gradient shows the loss used, once a backward is seen")
+            why_missing = {"labels": "needs labels: the model was called without labels; the label checks run on "
+                                     "the labels the gradient shows the loss used, once a backward is seen"}
+        else:
+            why_missing = {}
         # ModelInfo, not the model: the step probes run on the real steps (attach), not on a copy
         first = inspect_batch(batch, self._tokenizer, model_info, hints=hints,
-                              ignore=self.options.ignore, command="watch")
+                              ignore=self.options.ignore, command="watch", why_missing=why_missing)
         for f in first.findings:
             f.rank = self.rank
         self.report.record_checks(first.checks)
@@ -318,7 +317,6 @@ class Watcher:
         """Run the deferred label checks: on the labels the gradient measured when a full step has
         one (the guess, if any, is confirmed or withdrawn), else on the guessed labels, said so."""
         from . import internal
-        from .api import inspect_batch
         from .context import IGNORE_INDEX, Batch
 
         deferred, self._deferred = self._deferred, None
@@ -357,13 +355,11 @@ class Watcher:
             part = inspect_batch(batch, self._tokenizer, deferred["model_info"], hints=hints,
                                  ignore=self.options.ignore, command="watch")
         except Exception as e:
-            from .probes import BATCH
-
             internal.add(self.report, internal.entry("the label checks on the measured labels", e,
-                                                     [i for p in BATCH if "labels" in p.needs for i in p.ids]))
+                                                     [i for p in REGISTRY.at("batch") if "labels" in p.needs for i in p.ids]))
             return
         self.report.run["labels_evidence"] = evidence
-        label_ids = {i for p in _batch_probes() if "labels" in p.needs for i in p.ids}
+        label_ids = {i for p in REGISTRY.at("batch") if "labels" in p.needs for i in p.ids}
         found = [f for f in part.findings if f.id in label_ids]
         for f in found:
             f.rank = self.rank
@@ -503,16 +499,8 @@ class Watcher:
             for e in part.metrics.get("internal_errors") or []:
                 if isinstance(e, dict):
                     internal.add(self.report, e)
-            new = self.report.add(part.findings)
-            for f in new:
+            for f in self.session.merge(part, fill=True):
                 self.view.finding(f)
-            self.report.record_checks(part.checks)
-            for k, n in part.repeats.items():
-                self.report.repeats[k] = self.report.repeats.get(k, 0) + n
-            for k, v in part.metrics.items():
-                self.report.metrics.setdefault(k, v)
-            if not self.report.samples and part.samples:
-                self.report.samples = part.samples
         if self._deferred is not None:
             self._resolve_labels()
         for trainer in self._trainers:
@@ -522,12 +510,6 @@ class Watcher:
         self.report.metrics["optimizer_steps"] = max(self.optimizer_steps, self.report.metrics.get("optimizer_steps") or 0)
         if not self._batch_done:
             self.report.run["note"] = "no training forward of a causal LM was seen"
-
-
-def _batch_probes():
-    from .probes import BATCH
-
-    return BATCH
 
 
 def _status(found: list[Finding], finding_id: str) -> str:

@@ -50,7 +50,7 @@ def test_resize_after_attach_and_a_rebuilt_optimizer_are_followed():
     assert "params-frozen" not in r.ids(), [f.message for f in r.findings]
     assert not r.metrics.get("internal_errors")
     assert {c.id: c.status for c in r.checks}["params-frozen"] == "pass"
-    weights = {id(p) for _, p in doc._named_params}
+    weights = {id(p) for _, p in doc.observer.named_params}
     assert id(m.get_output_embeddings().weight) in weights and id(m.get_input_embeddings().weight) in weights
 
 

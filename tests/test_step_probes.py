@@ -310,7 +310,7 @@ def test_prediction_collapse_learned_from_labels_padded_with_zero():
     with attach(m, tok, optimizer=opt, every=1000, full_steps=0) as doc:
         for _ in range(25):
             hf_step(m, long_b, opt)
-        doc._forced_until = doc.optimizer_steps  # sample the next step fully
+        doc.observer.force_full_next()  # sample the next steps fully
         hf_step(m, long_b)
         r = doc.report()
     f = r.get("prediction-collapse")
