@@ -15,6 +15,10 @@ id = "template-mismatch"
 level = "batch"
 summary = "training rows differ from what the chat template produces for the same example"
 needs = ("tokenizer", "examples")
+family = "learned"
+priority = 19
+cause = "Training rows and inference prompts use different formats."
+remedy = None
 
 MAX_ROWS = 16  # rendering is a Python call per row: compare at most this many
 CONTEXT = 4  # tokens shown before the first difference

@@ -13,6 +13,10 @@ id = "truncation-answer-lost"
 level = "batch"
 summary = "rows cut at max_length lose their answer or EOS (GSM8K: the #### line)"
 needs = ("labels", "tokenizer")
+family = "learned"
+priority = 18
+cause = "Truncation cut the answers off: the model is trained on rows without their ends."
+remedy = "truncation"
 
 ANSWER_MARKER = "####"  # GSM8K's final-answer line; override with hints["answer_marker"]
 FAIL_SHARE = 0.1  # at least this share of the batch's rows lost their answer: fail, else warn

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..engine import Probe
 from ..errors import UserError
 from ..findings import CheckResult, Finding
+from ..probes import ALL
 from ..report import Report
 from .collate import IGNORE_INDEX
 from .pipeline import Pipeline, add_pad_token, build_pipeline, resize_embeddings, safe_dtype, tokenize
@@ -194,36 +196,33 @@ def _fix_empty_rows(pipe: Pipeline, fid: str) -> list[Change]:
     return [Change(fid, "training rows", str(n), f"{len(kept)} (rows with no supervised token dropped)")]
 
 
+# Remedy name (a probe's `remedy` declaration) -> the function that applies it.
 REMEDIES: dict[str, Callable[[Pipeline, str], list[Change]]] = {
-    "labels-pad-not-ignored": _use_builtin_collator,
-    "attention-mask-hides-tokens": _use_builtin_collator,
-    "attention-rows-empty": _use_builtin_collator,
-    "labels-misaligned": _use_builtin_collator,
-    "position-ids-inconsistent": _use_builtin_collator,
-    "padding-side-left-train": _use_builtin_collator,
-    "packing-cross-contamination": _use_builtin_collator,
-    "grad-from-ignored-tokens": _use_builtin_collator,
-    "pad-is-eos-masked": _use_builtin_collator,
-    "labels-prompt-supervised": _fix_prompt,
-    "labels-eos-missing": _fix_eos,
-    "labels-no-supervised-tokens": _fix_empty_rows,
-    "truncation-answer-lost": _fix_truncation,
-    "token-id-out-of-range": _fix_vocab,
-    "pad-token-missing": _fix_pad,
-    "precision-fp16-unsafe": _fix_dtype,
-    "precision-overflow": _fix_dtype,
-    "precision-headroom": _fix_dtype,
-    "logits-nonfinite": _fix_dtype,
-    "loss-nonfinite": _fix_dtype,
-    "grad-nonfinite": _fix_dtype,
-    "loss-scale-skipped-steps": _fix_dtype,
+    "collator": _use_builtin_collator,
+    "prompt": _fix_prompt,
+    "eos": _fix_eos,
+    "empty_rows": _fix_empty_rows,
+    "truncation": _fix_truncation,
+    "vocab": _fix_vocab,
+    "pad": _fix_pad,
+    "dtype": _fix_dtype,
 }
+# Finding id -> the probe that emits it (what it declares: remedy, fix_on_warn).
+PROBES: dict[str, Probe] = {i: p for p in ALL for i in p.ids}
+
+
+def remedy(fid: str) -> Callable[[Pipeline, str], list[Change]] | None:
+    """The remedy function the probe of this finding id declares (None: no remedy)."""
+    p = PROBES.get(fid)
+    return REMEDIES[p.remedy] if p is not None and p.remedy is not None else None
 
 
 def should_fix(f: Finding) -> bool:
-    """--fix repairs every fail finding with a remedy, and the warnings whose remedy is safe and
-    whose cost is silent damage (fp16 on a bf16 checkpoint, pad == EOS)."""
-    return f.id in REMEDIES and (f.severity == "fail" or f.id in ("precision-fp16-unsafe", "pad-token-missing", "labels-prompt-supervised"))
+    """--fix repairs every fail finding with a remedy, and the warnings whose probe declares
+    fix_on_warn (the remedy is safe and the cost is silent damage: fp16 on a bf16 checkpoint,
+    pad == EOS)."""
+    p = PROBES.get(f.id)
+    return remedy(f.id) is not None and (f.severity == "fail" or p.fix_on_warn)
 
 
 def apply_fixes(pipe: Pipeline, report: Report) -> tuple[Pipeline, list[Change]]:
@@ -233,12 +232,13 @@ def apply_fixes(pipe: Pipeline, report: Report) -> tuple[Pipeline, list[Change]]
     for f in report.by_severity():
         if not should_fix(f) or any(f.id in c.findings for c in changes):
             continue
-        made = REMEDIES[f.id](pipe, f.id)
+        fix = remedy(f.id)
+        made = fix(pipe, f.id)
         if made:
             changes += made
             continue
         # nothing left to change: an earlier change (the built-in collator, a safe dtype) covers it
-        area = "dtype" if REMEDIES[f.id] is _fix_dtype else "collator"
+        area = "dtype" if fix is _fix_dtype else "collator"
         earlier = next((c for c in changes if c.what == area), None)
         if earlier is not None:
             earlier.also.append(f.id)
