@@ -8,13 +8,15 @@ runs preflight again to confirm.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-from ..engine import Probe
+from ..context import ProbeContext
+from ..engine import Probe, run_probes
 from ..errors import UserError
 from ..findings import CheckResult, Finding
-from ..probes import ALL
+from ..probes import ALL, STEP, truncation_answer_lost
 from ..report import Report
+from ..stepstats import StepRecord
 from .collate import IGNORE_INDEX
 from .pipeline import Pipeline, add_pad_token, build_pipeline, resize_embeddings, safe_dtype, tokenize
 
@@ -42,27 +44,33 @@ class Change:
 
 # ---- checks on the whole recipe/dataset (the batch probes see only a few rows) ----------------
 
-def recipe_findings(pipe: Pipeline) -> list[Finding]:
-    """What the recipe itself says is unsafe, under the spec's finding ids."""
-    r, out = pipe.recipe, []
-    saved = pipe.saved_dtype
-    if pipe.dtype == "fp16" and saved == "bfloat16":
-        out.append(Finding(
-            id="precision-fp16-unsafe", severity="warn", level="step",
-            message="fp16 training requested for a checkpoint saved in bfloat16: its activations can exceed fp16's 65504 and turn into inf/NaN",
-            evidence={"requested_dtype": "float16", "checkpoint_dtype": saved},
-            fix="train in bf16 (GPU with bf16) or fp32; `sftdoctor train --fix` does this"))
+FP16_PROBES = [p for p in STEP if p.id == "precision-fp16-unsafe"]
+
+
+def recipe_findings(pipe: Pipeline, ignore: Iterable[str] = ()) -> tuple[list[Finding], list[CheckResult]]:
+    """What the recipe itself says is unsafe, under the spec's finding ids: measured here on the
+    whole recipe/dataset, judged by the probes of those ids."""
+    r, out, checks = pipe.recipe, [], []
+    # the dtype training will run in, as a step record: precision-fp16-unsafe reads the autocast and checkpoint dtypes
+    step = StepRecord(step=0, optimizer_step_index=0, full=False,
+                      dtypes={"autocast": "float16" if pipe.dtype == "fp16" else None, "config": pipe.saved_dtype})
+    found, checks = run_probes(ProbeContext(step=step), FP16_PROBES, ignore=ignore)
+    for f in found:
+        f.step = None  # before training: no step
+    out += found
+    if "truncation-answer-lost" in ignore:
+        return out, checks
+    lost = 0
     if pipe.length_stats.get("truncated"):
         lost = sum(1 for ex in pipe.train_examples if ex["labels"][-1] == IGNORE_INDEX or
                    ex["input_ids"][-1] not in _stop_ids(pipe))
-        if lost:
-            out.append(Finding(
-                id="truncation-answer-lost", severity="fail", level="batch",
-                message=f"{lost} of {pipe.length_stats['rows']} rows were cut at max_length {r.max_length} and lost the end of their answer (the `#### N` line or EOS)",
-                evidence={"rows": pipe.length_stats["rows"], "truncated_rows": pipe.length_stats["truncated"], "answer_lost_rows": lost,
-                          "max_length": r.max_length, "longest_row": max(len(ex["input_ids"]) for ex in pipe.train_examples)},
-                fix="raise --max-length to fit the answers, or drop overlong rows (--overlong drop)"))
-    return out
+    lost_found = truncation_answer_lost.judge_recipe(
+        rows=pipe.length_stats.get("rows"), truncated_rows=pipe.length_stats.get("truncated"), answer_lost_rows=lost,
+        max_length=r.max_length, longest_row=max((len(ex["input_ids"]) for ex in pipe.train_examples), default=0))
+    out += lost_found
+    checks.append(CheckResult(id="truncation-answer-lost", status=lost_found[0].severity if lost_found else "pass",
+                              level=lost_found[0].level if lost_found else "batch"))
+    return out, checks
 
 
 def _stop_ids(pipe: Pipeline) -> set[int]:
@@ -117,11 +125,9 @@ def run_preflight(pipe: Pipeline, *, global_batch: int, ignore: set[str] = froze
             for key in ("tokenizer", "model"):
                 if key in one.metrics:
                     report.metrics[key] = one.metrics[key]
-    own = [f for f in recipe_findings(pipe) if f.id not in ignore]
+    own, checks = recipe_findings(pipe, ignore)
     report.add(own)
-    report.record_checks(CheckResult(id=i, status="pass", level="batch") for i in ("precision-fp16-unsafe", "truncation-answer-lost")
-                         if i not in ignore and i not in {f.id for f in own})
-    report.record_checks(CheckResult(id=f.id, status=f.severity, level=f.level) for f in own)
+    report.record_checks(c for c in checks if c.status != "skipped")  # an ignored id records nothing, as before
     return report
 
 
