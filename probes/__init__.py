@@ -1,13 +1,18 @@
 """The registry of sftdoctor's probes, listed explicitly (no entry-point magic).
 
-Each module here is one probe: `id`, `level`, `summary`, `needs`, `check(ctx)`. Installed as
-`sftdoctor.probes`; see docs/findings.md for what each id means.
+Each module here is one probe: `id`, `level`, `summary`, `needs`, `check(ctx)`, and what the
+rest of sftdoctor reads about its finding: `family`, `priority`, `cause` (root-cause ranking in
+the reports), `remedy` and `fix_on_warn` (`sftdoctor train --fix`); see sftdoctor.engine.Probe for
+the defaults. Installed as `sftdoctor.probes`; see docs/findings.md for what each id means.
 """
 from __future__ import annotations
 
 from importlib import import_module
 
 from sftdoctor.engine import Probe
+
+# The values a probe may declare as its `family` (engine.Probe's default is "other").
+FAMILIES = ("learned", "numerical", "setup", "symptom", "other")
 
 # Module names, in the order their findings are most useful to read.
 _BATCH = [

@@ -15,9 +15,11 @@ import os
 import shlex
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping
 
 from sftdoctor.atomic import write_atomic
+from sftdoctor.probes import ALL
 from sftdoctor.report import Report
 
 from . import dataset_view, plots
@@ -33,41 +35,22 @@ MAX_TABLE_ROWS = 50  # rows of a list-of-records table (evidence, metrics)
 MAX_LIST_ITEMS = 24  # items of a list of scalars
 
 # ---- root causes --------------------------------------------------------------------------
-# Finding id -> (family, priority, what happened). Lower priority = more upstream: a cause is
-# listed before the symptoms it explains. Family "learned": the model was trained on the wrong
-# targets (data/labels); "numerical": values overflowed or went NaN; "setup": configuration.
-CAUSES: dict[str, tuple[str, int, str]] = {
-    "labels-pad-not-ignored": ("learned", 10, "Padding positions were trained as targets, so the model learned to emit the pad label."),
-    "labels-misaligned": ("learned", 10, "Labels are shifted against the inputs: the model is trained to predict the wrong token."),
-    "pad-is-eos-masked": ("learned", 12, "Masking pad by id also masked the real EOS, so the model never learns to stop."),
-    "attention-mask-hides-tokens": ("learned", 14, "The attention mask hides real tokens (a loss mask passed as attention_mask?): the answer cannot see the question."),
-    "labels-no-supervised-tokens": ("learned", 15, "Some rows have no supervised token: their loss is 0/0 or a fake 0."),
-    "labels-eos-missing": ("learned", 16, "Responses end without a supervised EOS: the model never learns to stop."),
-    "truncation-answer-lost": ("learned", 18, "Truncation cut the answers off: the model is trained on rows without their ends."),
-    "token-id-out-of-range": ("setup", 8, "A token id is beyond the embedding table (new token without resize)."),
-    "position-ids-inconsistent": ("learned", 18, "Position ids do not match the mask or document boundaries."),
-    "grad-from-ignored-tokens": ("learned", 20, "Gradient reaches the logits at positions that should carry no loss."),
-    "params-frozen": ("setup", 9, "Nothing (or almost nothing) that is trainable gets a gradient."),
-    "precision-overflow": ("numerical", 10, "An activation or gradient overflowed the dtype's range and became inf/NaN."),
-    "precision-inference-overflow": ("numerical", 11, "The model overflows in the dtype it is served in, though finite in fp32."),
-    "grad-nonfinite": ("numerical", 14, "Parameter gradients are NaN/inf, so updates corrupt the weights."),
-    "weights-nonfinite": ("numerical", 15, "The saved weights hold NaN/inf: every forward pass is poisoned."),
-    "loss-nonfinite": ("numerical", 20, "The loss is NaN or inf."),
-    "logits-nonfinite": ("numerical", 22, "The logits are NaN/inf; argmax of a NaN row is id 0."),
-    "loss-scale-skipped-steps": ("numerical", 24, "The GradScaler skipped optimizer steps: the loss looks fine while nothing is learned."),
-    # warn-level causes: listed when something failed, since they often explain the fails
-    "precision-fp16-unsafe": ("numerical", 6, "fp16 where it is not safe (pure fp16 weights with Adam, or a bf16 checkpoint run in fp16): the setup that makes values overflow or go NaN."),
-    "loss-divergence": ("numerical", 26, "The loss diverged (learning rate too high?)."),
-    "template-mismatch": ("learned", 19, "Training rows and inference prompts use different formats."),
-    "prediction-collapse": ("symptom", 40, "Predictions collapsed onto one token."),
-    "generation-degenerate": ("symptom", 42, "Greedy generation repeats one token (the `!!!!` symptom)."),
-    "generation-never-stops": ("symptom", 44, "Generation runs to max_new_tokens without EOS."),
-}
+# Finding id -> (family, priority, what happened), read from the probes' declarations (every probe
+# that declares a `cause`; one without is not ranked as a cause). Lower priority = more upstream: a
+# cause is listed before the symptoms it explains. Family "learned": the model was trained on the
+# wrong targets (data/labels); "numerical": values overflowed or went NaN; "setup": configuration.
+
+
+def cause_table(probes: Iterable[Any]) -> dict[str, tuple[str, int, str]]:
+    return {p.id: (p.family, p.priority, p.cause) for p in probes if p.cause}
+
+
+CAUSES: Mapping[str, tuple[str, int, str]] = MappingProxyType(cause_table(ALL))
 FAMILY_LABEL = {"learned": "learned (data/labels)", "numerical": "numerical (overflow/NaN)",
                 "setup": "setup", "symptom": "symptom", "other": "other"}
 
 
-def _family(finding) -> str:
+def _family(finding, causes: Mapping[str, tuple[str, int, str]] = CAUSES) -> str:
     """The cause family: what the evidence says when it says it, else the id's default."""
     ev = finding.evidence or {}
     for key in ("family", "cause_family", "cause"):
@@ -76,25 +59,26 @@ def _family(finding) -> str:
             return v.lower()
     if ev.get("logits_finite") is False or ev.get("finite") is False:
         return "numerical"
-    return CAUSES.get(finding.id, ("other",))[0]
+    return causes.get(finding.id, ("other",))[0]
 
 
-def root_causes(report: Report) -> list[dict[str, Any]]:
+def root_causes(report: Report, causes: Mapping[str, tuple[str, int, str]] = CAUSES) -> list[dict[str, Any]]:
     """Fail findings ranked upstream-first, each with its family and a one-line explanation.
-    A symptom whose family is known from its evidence is listed under that family."""
+    A symptom whose family is known from its evidence is listed under that family.
+    A pure function of the report and `causes` (cause_table of a probe registry)."""
     fails = [f for f in report.findings if f.severity == "fail"]
     if fails:
         # a warn that is a known upstream cause (fp16 + Adam, divergence) is often the real cause of the fails
-        fails += [f for f in report.findings if f.severity == "warn" and CAUSES.get(f.id, ("symptom",))[0] != "symptom"]
+        fails += [f for f in report.findings if f.severity == "warn" and causes.get(f.id, ("symptom",))[0] != "symptom"]
     ranked = []
     for f in fails:
-        base_family, priority, what = CAUSES.get(f.id, ("other", 30, ""))
+        base_family, priority, what = causes.get(f.id, ("other", 30, ""))
         if f.id == "precision-overflow" and (f.evidence or {}).get("kind") == "nan-without-overflow":
             what = "NaN appeared with no value near the dtype's limit: NaN weights or inputs, not a range overflow."
         text0 = _id0_text(report)
         if "id 0" in what and text0:
             what += f" In this tokenizer id 0 is {text0!r}."
-        family = _family(f)
+        family = _family(f, causes)
         ranked.append({
             "id": f.id, "family": family, "family_label": FAMILY_LABEL.get(family, family),
             "symptom": base_family == "symptom", "what": what, "message": f.message,

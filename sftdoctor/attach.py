@@ -28,6 +28,7 @@ from .context import IGNORE_INDEX, Batch, ModelInfo, ProbeContext, TokenizerInfo
 from .engine import run_probes
 from .errors import UserError
 from .findings import Finding
+from .probes import RUN, STEP
 from .report import Report
 from .stepstats import (FP16_MAX, HEADROOM_FACTOR, OptimizerStep, RunHistory, StepRecord, analyze_tokens, same_device,
                         candidate_targets, dtype_limit, dtype_name, logits_forward_stats, logits_grad_stats, to_host,
@@ -37,8 +38,8 @@ from .stepstats import (FP16_MAX, HEADROOM_FACTOR, OptimizerStep, RunHistory, St
 STEP_CHECKS = ("loss-nonfinite", "logits-nonfinite", "grad-nonfinite", "params-frozen", "precision-overflow",
                "grad-from-ignored-tokens", "labels-misaligned")
 GRADIENT_CHECKS = ("grad-from-ignored-tokens", "labels-misaligned", "labels-eos-missing", "logits-nonfinite")
-NUMERICAL_IDS = {"loss-nonfinite", "logits-nonfinite", "precision-overflow", "precision-headroom",
-                 "precision-fp16-unsafe", "grad-nonfinite", "loss-scale-skipped-steps", "loss-divergence"}
+# the step and run probes that declare themselves numerical (attach labels their findings' family)
+NUMERICAL_IDS = frozenset(p.id for p in STEP + RUN if p.family == "numerical")
 
 
 @dataclass
