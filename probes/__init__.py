@@ -2,8 +2,10 @@
 with "_" (helpers do), found when the package loads (no entry-point magic).
 
 Each module is one probe: `id`, `level`, `summary`, `needs`, `check(ctx)`, and what its finding
-means (`family`, `priority`, `cause`, `remedy`). Adding a probe is adding its file (and its id in
-docs/findings.md, which tests/test_registry_sync.py keeps in step). Installed as `sftdoctor.probes`.
+means: `family`, `priority`, `cause` (root-cause ranking, sftdoctor.session), `remedy` and
+`fix_on_warn` (`sftdoctor train --fix`); sftdoctor.engine.Probe has the defaults. Adding a probe is
+adding its file and its id in docs/findings.md (tests/test_registry_sync.py keeps them in step).
+Installed as `sftdoctor.probes`.
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import pkgutil
 from importlib import import_module
 
 from sftdoctor.engine import Probe, Registry
+
+# The values a probe may declare as its `family` (engine.Probe's default is "other").
+FAMILIES = ("learned", "numerical", "setup", "symptom", "other")
 
 # Reading order: the order their findings are most useful to read. A probe not listed here
 # still runs, after the listed ones of its level.

@@ -12,6 +12,10 @@ id = "attention-mask-hides-tokens"
 level = "batch"
 summary = "attention_mask is 0 on real (non-pad) tokens, e.g. a loss mask passed as attention_mask"
 needs = ("attention_mask",)
+family = "learned"
+priority = 14
+cause = "The attention mask hides real tokens (a loss mask passed as attention_mask?): the answer cannot see the question."
+remedy = "collator"
 
 dataset = DatasetRule(what="have real tokens hidden by attention_mask", sum_keys=("hidden_real_tokens",))
 

@@ -11,6 +11,7 @@ id = "attention-rows-empty"
 level = "batch"
 summary = "query positions that can see no key under causal masking (all-masked prefix)"
 needs = ("attention_mask",)
+remedy = "collator"
 
 
 def check(ctx) -> list[Finding]:

@@ -11,6 +11,7 @@ id = "bos-duplicated"
 level = "batch"
 summary = "a row starts with two BOS tokens (chat template plus add_special_tokens)"
 needs = ("tokenizer",)
+remedy = None
 
 dataset = DatasetRule(count="rows_doubled", what="start with two BOS tokens")
 

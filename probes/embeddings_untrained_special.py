@@ -9,6 +9,7 @@ id = "embeddings-untrained-special"
 level = "checkpoint"
 summary = "special-token embedding rows are zero, duplicated or far from the mean norm"
 needs = ("checkpoint",)
+remedy = None
 
 FAR = 10.0  # a row norm more than 10x below or above the mean row norm is "far"
 

@@ -9,6 +9,7 @@ id = "generation-config-eos"
 level = "checkpoint"
 summary = "generation_config eos lacks the end token the model emits, or pad is unset"
 needs = ("checkpoint", "tokenizer")
+remedy = None
 
 
 def check(ctx) -> list[Finding]:

@@ -3,20 +3,86 @@ told from the logits: non-finite (numerical: NaN weights or a dtype overflow) or
 genuinely preferring the token (learned: e.g. labels padded with 0)."""
 from __future__ import annotations
 
-from sftdoctor.checkpoint import check_generation_outputs
+from collections import Counter
+from typing import Any, Mapping
+
+from sftdoctor.checkpoint import GenerationStats, measure_generations
 from sftdoctor.findings import Finding
+from sftdoctor.verdict import training_note, undertrained
 
 id = "generation-degenerate"
 level = "checkpoint"
 summary = "greedy generation repeats one token (the !!!! symptom), with its cause family"
 needs = ("checkpoint", "tokenizer")
+family = "symptom"
+priority = 42
+cause = "Greedy generation repeats one token (the `!!!!` symptom)."
+remedy = None
+
+
+def judge(g: GenerationStats | None, training: Mapping[str, Any] | None = None) -> list[Finding]:
+    """The finding on measured greedy outputs (also what `watch` runs after model.generate).
+
+    Severity (docs/findings.md, "bad output, no defect found"): fail only when the cause is named:
+    non-finite logits, or the repeated token is the pad token / id 0 / eos-as-pad. Otherwise the
+    output is bad but no defect was found: warn with evidence.cause 'undertrained' and what the
+    training evidence says."""
+    if g is None:
+        return []
+    training = dict(training or {})
+    cut, firsts, degenerate, emits_pad, nonfinite = g.cut, g.firsts, g.degenerate, g.emits_pad, g.nonfinite
+    pad_id = g.pad_id
+    n, n_deg = g.n, sum(degenerate)
+    if not (n_deg * 2 >= n and n_deg):
+        return []
+    counts = Counter(t for (toks, _), d in zip(cut, degenerate) if d for t in toks)
+    counts.update(f for f, e in zip(firsts, emits_pad) if e)  # the pad token that ended an empty output
+    token_id, token_count = counts.most_common(1)[0] if counts else (0, 0)  # empty outputs: id 0 ended them
+    gen_total = sum(len(toks) for (toks, _), d in zip(cut, degenerate) if d) + sum(emits_pad)
+    family = "unknown" if nonfinite is None else ("numerical" if nonfinite else "learned")
+    tok_text = g.text(token_id)
+    pad_token = token_id == pad_id or token_id == 0
+    named = bool(nonfinite) or pad_token
+    why = {"numerical": "logits are NaN/inf (argmax of an all-NaN row is id 0)",
+           "learned": "logits are finite, so the weights genuinely prefer it",
+           "unknown": "logits were not checked"}[family]
+    fix = {
+        "numerical": ("load and serve in float32 or bfloat16 (torch_dtype='auto'), not float16; if the weights "
+                      "themselves hold NaN (weights-nonfinite), retrain with fp32 master weights"),
+        "learned": ("the model was trained to emit this token: pad labels with -100, never with 0 or pad_id "
+                    "(check a batch with sftdoctor inspect-batch), then retrain"),
+        "unknown": "run sftdoctor diagnose on the saved model to tell a numerical cause from a learned one",
+    }[family]
+    what = "emits" if sum(emits_pad) * 2 >= n_deg else "repeats"
+    evidence: dict[str, Any] = {
+        "family": family, "degenerate_prompts": n_deg, "prompts": n, "token_id": int(token_id),
+        "token_text": tok_text, "token_share": round(token_count / max(gen_total, 1), 4),
+        "token_is_pad": token_id == pad_id, "token_is_id0": token_id == 0,
+        "logits_finite": None if nonfinite is None else not nonfinite,
+        "samples": [g.sample(k) for k in range(n) if degenerate[k]][:3],
+    }
+    if named:
+        if not nonfinite:
+            evidence["cause"] = "pad-token-learned" if token_id == pad_id else "id0-learned"
+        message = (f"greedy generation {what} token {token_id} {tok_text!r} on {n_deg} of {n} prompts; {why} "
+                   f"({family} family)")
+        severity = "fail"
+    else:
+        # bad output, no defect found: a repeated ordinary token from a model that is still (nearly) untrained
+        evidence.update(undertrained(training))
+        message = (f"greedy generation repeats token {token_id} {tok_text!r} on {n_deg} of {n} prompts, but no "
+                   f"defect was found: logits {'finite' if nonfinite is False else 'not checked'}, the token is not the "
+                   f"pad token or id 0{training_note(evidence)}; the model is undertrained, not broken")
+        fix = ("train longer (more steps or epochs), from a pretrained model, or with a larger model; the pipeline "
+               "checks found nothing to fix")
+        severity = "warn"
+    return [Finding(id=id, severity=severity, level=level, message=message, evidence=evidence, fix=fix)]
 
 
 def _degenerate(rec, tok, training=None) -> list[Finding]:
-    got = check_generation_outputs([g["prompt_ids"] for g in rec.generations], [g["output_ids"] for g in rec.generations],
-                                   tok, max_new_tokens=rec.max_new_tokens, logits_nonfinite=rec.logits_nonfinite,
-                                   training=training)
-    return [f for f in got if f.id == id]
+    return judge(measure_generations([g["prompt_ids"] for g in rec.generations], [g["output_ids"] for g in rec.generations],
+                                     tok, max_new_tokens=rec.max_new_tokens, logits_nonfinite=rec.logits_nonfinite),
+                 training)
 
 
 def check(ctx) -> list[Finding]:

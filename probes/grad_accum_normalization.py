@@ -14,6 +14,8 @@ id = "grad-accum-normalization"
 level = "run"
 summary = "loss averaged per micro-batch while supervised-token counts differ across micro-batches"
 needs = ("run",)
+remedy = None
+
 MIN_COUNT_SPREAD = 1.25  # max/min supervised tokens across micro-batches worth checking
 
 

@@ -9,6 +9,10 @@ id = "grad-from-ignored-tokens"
 level = "step"
 summary = "gradient into the logits at padding (or ignored prompt) positions, from d loss / d logits"
 needs = ("step", "logits_grad")
+family = "learned"
+priority = 20
+cause = "Gradient reaches the logits at positions that should carry no loss."
+remedy = "collator"
 
 
 def check(ctx) -> list[Finding]:

@@ -8,6 +8,10 @@ id = "grad-nonfinite"
 level = "step"
 summary = "a parameter gradient is NaN/inf (no GradScaler to skip the step)"
 needs = ("step", "backward")
+family = "numerical"
+priority = 14
+cause = "Parameter gradients are NaN/inf, so updates corrupt the weights."
+remedy = "dtype"
 
 
 def check(ctx) -> list[Finding]:

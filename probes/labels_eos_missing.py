@@ -14,6 +14,10 @@ id = "labels-eos-missing"
 level = "batch"
 summary = "a supervised response does not end with a supervised EOS / end-of-turn token"
 needs = ("labels", "tokenizer")
+family = "learned"
+priority = 16
+cause = "Responses end without a supervised EOS: the model never learns to stop."
+remedy = "eos"
 # Over a dataset: 1% of answers without a supervised EOS fails (stopping is learned from every
 # row); fewer warns (a few stray rows barely move what the model learns about stopping).
 dataset = DatasetRule(count="rows_without_eos", what="have no supervised EOS after their answer", severity=by_rate(0.01),

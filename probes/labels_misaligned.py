@@ -13,6 +13,10 @@ id = "labels-misaligned"
 level = "batch"
 summary = "supervised labels are offset from input_ids (pre-shifted labels: next-next-token training)"
 needs = ("labels",)
+family = "learned"
+priority = 10
+cause = "Labels are shifted against the inputs: the model is trained to predict the wrong token."
+remedy = "collator"
 
 OFFSETS = (-2, -1, 0, 1, 2)
 MIN_POSITIONS = 16  # fewer compared positions than this: too little to judge

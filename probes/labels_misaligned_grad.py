@@ -11,6 +11,11 @@ id = "labels-misaligned"
 level = "step"
 summary = "the loss scores the logits at t against the token at t+k, k != 1 (double shift / no shift), read from d loss / d logits"
 needs = ("step", "logits_grad")
+family = "learned"
+priority = 10
+cause = "Labels are shifted against the inputs: the model is trained to predict the wrong token."
+remedy = "collator"
+
 MIN_POSITIONS = 8
 MIN_MATCH = 0.8
 

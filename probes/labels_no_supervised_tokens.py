@@ -12,6 +12,10 @@ id = "labels-no-supervised-tokens"
 level = "batch"
 summary = "rows or a whole micro-batch with zero supervised tokens (NaN or a fake 0.0 loss)"
 needs = ("labels",)
+family = "learned"
+priority = 15
+cause = "Some rows have no supervised token: their loss is 0/0 or a fake 0."
+remedy = "empty_rows"
 
 
 def _severity(t) -> str:

@@ -14,6 +14,10 @@ id = "labels-pad-not-ignored"
 level = "batch"
 summary = "padding positions carry a real label instead of -100"
 needs = ("labels",)
+family = "learned"
+priority = 10
+cause = "Padding positions were trained as targets, so the model learned to emit the pad label."
+remedy = "collator"
 
 dataset = DatasetRule(what="supervise padding positions (label != -100 on pad)", sum_keys=("supervised_pad_positions",))
 

@@ -20,6 +20,8 @@ id = "labels-prompt-supervised"
 level = "batch"
 summary = "prompt tokens are supervised (completion-only loss not applied)"
 needs = ("labels",)
+remedy = "prompt"
+fix_on_warn = True
 
 TEXT_MARKERS = ("### Response:", "### Answer:", "### Assistant:", "Answer:", "Response:", "Assistant:")
 MIN_SHARE = 0.05  # supervised share of the prompt region below this is noise (e.g. one header token)

@@ -9,6 +9,10 @@ id = "logits-nonfinite"
 level = "step"
 summary = "logits contain NaN/inf; names the first module whose output went non-finite"
 needs = ("step", "forward_stats")
+family = "numerical"
+priority = 22
+cause = "The logits are NaN/inf; argmax of a NaN row is id 0."
+remedy = "dtype"
 
 
 def first_nonfinite(rows, phase="forward"):

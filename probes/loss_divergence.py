@@ -15,6 +15,11 @@ level = "run"
 level_name = level
 summary = "loss or grad norm spikes far above its running median"
 needs = ("run",)
+family = "numerical"
+priority = 26
+cause = "The loss diverged (learning rate too high?)."
+remedy = None
+
 WINDOW = 50
 MIN_HISTORY = 8
 EXPLODE = 10.0  # x the running median: reported at once; below it, the next step must confirm

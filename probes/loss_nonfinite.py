@@ -10,6 +10,10 @@ id = "loss-nonfinite"
 level = "step"
 summary = "the loss of a step is NaN or inf (raw, before any logging filter)"
 needs = ("step",)
+family = "numerical"
+priority = 20
+cause = "The loss is NaN or inf."
+remedy = "dtype"
 
 
 def check(ctx) -> list[Finding]:

@@ -8,6 +8,11 @@ id = "loss-scale-skipped-steps"
 level = "run"
 summary = "GradScaler skips optimizer steps or its scale keeps falling"
 needs = ("run",)
+family = "numerical"
+priority = 24
+cause = "The GradScaler skipped optimizer steps: the loss looks fine while nothing is learned."
+remedy = "dtype"
+
 WINDOW = 200  # optimizer steps looked at
 MIN_SKIPPED = 3
 MIN_SHARE = 0.25

@@ -11,6 +11,7 @@ id = "packing-cross-contamination"
 level = "batch"
 summary = "several documents share a row with no boundary isolation"
 needs = ("tokenizer",)
+remedy = "collator"
 
 VARLEN_KEYS = {"cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "cu_seqlens_q", "cu_seqlens_k", "seq_idx",
                "max_length_q", "max_length_k", "seq_lens", "document_ids", "doc_ids"}

@@ -12,6 +12,10 @@ id = "pad-is-eos-masked"
 level = "batch"
 summary = "pad == eos and labels were masked by id, so the real EOS is masked too"
 needs = ("labels", "tokenizer")
+family = "learned"
+priority = 12
+cause = "Masking pad by id also masked the real EOS, so the model never learns to stop."
+remedy = "collator"
 
 
 def masked_real_eos(ctx):

@@ -10,6 +10,8 @@ id = "pad-token-missing"
 level = "batch"
 summary = "the tokenizer has no pad token"
 needs = ("tokenizer",)
+remedy = "pad"
+fix_on_warn = True
 
 
 def check(ctx) -> list[Finding]:

@@ -13,6 +13,7 @@ id = "padding-side-left-train"
 level = "batch"
 summary = "left padding in training without position_ids that account for it"
 needs = ("batch",)
+remedy = "collator"
 
 dataset = DatasetRule(what="are left-padded without matching position_ids")
 

@@ -8,6 +8,11 @@ id = "params-frozen"
 level = "step"
 summary = "no/too few trainable params get a non-zero grad, or trainable params are not in the optimizer"
 needs = ("step",)
+family = "setup"
+priority = 9
+cause = "Nothing (or almost nothing) that is trainable gets a gradient."
+remedy = None
+
 MIN_SHARE = 0.5  # share of trainable parameter elements that must receive a non-zero gradient
 TINY_TRAINABLE = 0.01  # trainable share of all parameters below which "only norms/biases train" is a defect
 FIX = ("set requires_grad on the weights you mean to train before building the optimizer; with gradient "

@@ -12,6 +12,10 @@ id = "position-ids-inconsistent"
 level = "batch"
 summary = "given position_ids do not match the mask or the packed document boundaries"
 needs = ("position_ids",)
+family = "learned"
+priority = 18
+cause = "Position ids do not match the mask or document boundaries."
+remedy = "collator"
 
 
 def check(ctx) -> list[Finding]:

@@ -9,6 +9,11 @@ id = "precision-fp16-unsafe"
 level = "step"
 summary = "fp16 used on a bf16 checkpoint, or fp16 params with an Adam eps that rounds to 0"
 needs = ("step",)
+family = "numerical"
+priority = 6
+cause = "fp16 where it is not safe (pure fp16 weights with Adam, or a bf16 checkpoint run in fp16): the setup that makes values overflow or go NaN."
+remedy = "dtype"
+fix_on_warn = True
 
 
 def check(ctx) -> list[Finding]:

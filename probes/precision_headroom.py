@@ -10,6 +10,9 @@ id = "precision-headroom"
 level = "step"
 summary = "activations within 4x of the dtype max (fp16 forecast for fp32/bf16 runs)"
 needs = ("step", "forward_stats")
+family = "numerical"
+priority = 30
+remedy = "dtype"
 
 
 def check(ctx) -> list[Finding]:

@@ -9,6 +9,10 @@ id = "precision-inference-overflow"
 level = "checkpoint"
 summary = "finite in fp32 but overflows in the dtype it is served in (fp16)"
 needs = ("checkpoint",)
+family = "numerical"
+priority = 11
+cause = "The model overflows in the dtype it is served in, though finite in fp32."
+remedy = None
 
 
 def _broken(f) -> bool:

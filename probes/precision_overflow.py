@@ -9,6 +9,10 @@ id = "precision-overflow"
 level = "step"
 summary = "a forward activation or backward gradient overflows fp16/bf16 (module, phase, dtype limit)"
 needs = ("step", "forward_stats")
+family = "numerical"
+priority = 10
+cause = "An activation or gradient overflowed the dtype's range and became inf/NaN."
+remedy = "dtype"
 
 
 def check(ctx) -> list[Finding]:

@@ -11,6 +11,11 @@ id = "prediction-collapse"
 level = "step"
 summary = "argmax concentrates on one token over most positions (names the token and the cause family)"
 needs = ("step", "forward_stats")
+family = "symptom"
+priority = 40
+cause = "Predictions collapsed onto one token."
+remedy = None
+
 MIN_SHARE = 0.9
 MIN_POSITIONS = 16
 MARGIN = 0.5  # top share must exceed how often that token really comes next by this much

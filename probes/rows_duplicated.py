@@ -11,6 +11,7 @@ id = "rows-duplicated"
 level = "dataset"
 summary = "rows whose token ids exactly repeat an earlier row of the dataset"
 needs = ("dataset",)
+remedy = None
 
 WARN_SHARE = 0.01  # at least 1% of rows are repeats: warn (over-weighted data); fewer: info
 

@@ -6,7 +6,10 @@ Needs hints["examples"]: the raw example of each row, {"messages": [...]} or
 as tokenizer(prompt + response) with the tokenizer's own special tokens."""
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 from sftdoctor.findings import Finding
+from sftdoctor.formats import is_chat, role_markers
 
 from ._dataset import DatasetRule
 from ._common import real_mask, token_ref
@@ -15,6 +18,10 @@ id = "template-mismatch"
 level = "batch"
 summary = "training rows differ from what the chat template produces for the same example"
 needs = ("tokenizer", "examples")
+family = "learned"
+priority = 19
+cause = "Training rows and inference prompts use different formats."
+remedy = None
 
 MAX_ROWS = 16  # rendering is a Python call per row: compare at most this many
 CONTEXT = 4  # tokens shown before the first difference
@@ -94,3 +101,27 @@ def check(ctx) -> list[Finding]:
         fix=("build training rows with tokenizer.apply_chat_template(messages) (tokenize=True, or tokenize the "
              "rendered text with add_special_tokens=False) and use the same call at inference"),
     )]
+
+
+def judge_generation(train_rows: Sequence[Sequence[int]], prompts: Sequence[Sequence[int]], tok: Any) -> Finding | None:
+    """The same id for a second view of the mismatch (what `watch` sees): every training row is in
+    one format (chat: role markers; plain: none) and every prompt given to model.generate in the other."""
+    markers = role_markers(tok)
+    if not markers or not train_rows or not prompts:
+        return None
+    train_chat = [is_chat(r, markers) for r in train_rows]
+    prompt_chat = [is_chat(p, markers) for p in prompts]
+    if len(set(train_chat)) != 1 or len(set(prompt_chat)) != 1 or train_chat[0] == prompt_chat[0]:
+        return None  # mixed, or the same format on both sides
+    trained, generated = ("chat template", "plain text") if train_chat[0] else ("plain text", "chat template")
+    seen = sorted({i for p in (train_rows if train_chat[0] else prompts) for i in p if i in markers})[:4]
+    return Finding(
+        id=id, severity="warn", level="run",
+        message=(f"the model was trained on {trained} rows but generate() is given {generated} prompts: it is asked in "
+                 "a format it never saw in training"),
+        evidence={"where": "generate", "training_format": trained, "generation_format": generated,
+                  "role_markers": [{"id": i, "text": tok.token_text(i)} for i in seen],
+                  "training_rows": len(train_rows), "prompts": len(prompts)},
+        fix=("build the generation prompt exactly as the training rows were built (the same prompt function, or "
+             "apply_chat_template(..., add_generation_prompt=True) in both places)"),
+    )

@@ -16,6 +16,10 @@ id = "token-id-out-of-range"
 level = "batch"
 summary = "an input or label id is >= the model's embedding rows, or negative other than -100"
 needs = ("batch",)
+family = "setup"
+priority = 8
+cause = "A token id is beyond the embedding table (new token without resize)."
+remedy = "vocab"
 # One row with an id past the embedding crashes a CUDA run (device-side assert) or trains on
 # garbage: the severity stays the worst batch's (fail whenever the model's size is known).
 dataset = DatasetRule(what="hold an input id or label out of range", sum_keys=("input_ids_out_of_range", "labels_out_of_range"))

@@ -13,6 +13,10 @@ id = "truncation-answer-lost"
 level = "batch"
 summary = "rows cut at max_length lose their answer or EOS (GSM8K: the #### line)"
 needs = ("labels", "tokenizer")
+family = "learned"
+priority = 18
+cause = "Truncation cut the answers off: the model is trained on rows without their ends."
+remedy = "truncation"
 
 ANSWER_MARKER = "####"  # GSM8K's final-answer line; override with hints["answer_marker"]
 FAIL_SHARE = 0.1  # at least this share of the batch's rows lost their answer: fail, else warn
@@ -97,4 +101,20 @@ def check(ctx) -> list[Finding]:
         },
         fix=("raise max_length above the longest rows (check length percentiles), or truncate the prompt from the "
              "left and keep the answer whole (e.g. TRL truncation_mode='keep_end'), or drop rows that do not fit"),
+    )]
+
+
+def judge_recipe(*, rows: int | None, truncated_rows: int | None, answer_lost_rows: int, max_length: int | None,
+                 longest_row: int) -> list[Finding]:
+    """The same id over a whole training set, before training (`sftdoctor train` preflight counts
+    the rows cut at max_length whose last token is no longer a supervised end token): any such row fails."""
+    if not truncated_rows or not answer_lost_rows:
+        return []
+    return [Finding(
+        id=id, severity="fail", level=level,
+        message=(f"{answer_lost_rows} of {rows} rows were cut at max_length {max_length} and lost the end of their answer "
+                 "(the `#### N` line or EOS)"),
+        evidence={"rows": rows, "truncated_rows": truncated_rows, "answer_lost_rows": answer_lost_rows,
+                  "max_length": max_length, "longest_row": longest_row},
+        fix="raise --max-length to fit the answers, or drop overlong rows (--overlong drop)",
     )]

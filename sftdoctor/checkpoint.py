@@ -1,6 +1,6 @@
 """Checkpoint-level evidence: a streamed weight scan of a saved model, the CheckpointRecord that
-the checkpoint probes read, and the two checks `watch` runs on what a user's script saves or
-generates (check_state_dict, check_generation_outputs).
+the checkpoint probes read, and the measurements behind the two checks `watch` runs on what a
+user's script saves or generates (check_state_dict, check_generation_outputs: the probes judge).
 
 The scan never loads the whole model: it reads each safetensors file sequentially, one tensor at
 a time in row chunks of at most CHUNK_ELEMENTS values, each chunk a mapping of just its own pages
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .findings import Finding
+from .findings import Finding  # the type the two `watch` entry points return; probes build them
 
 FP16_MAX = 65504.0  # largest finite float16; anything above becomes inf when cast
 DTYPE_LIMITS = {"float16": FP16_MAX, "bfloat16": float(torch.finfo(torch.bfloat16).max),
@@ -520,68 +520,29 @@ def weight_change(folder: str | os.PathLike, base_folder: str | os.PathLike) -> 
     return out
 
 
-# ---- findings shared by the probes and by watch ---------------------------------------------------
-
-
-def nonfinite_weight_findings(weights: list[dict[str, Any]], *, base_weights: list[dict[str, Any]] | None = None) -> list[Finding]:
-    bad = [w for w in weights if w["nan"] or w["inf"]]
-    if not bad:
-        return []
-    total = sum(w["numel"] for w in weights)
-    n_bad = sum(w["nan"] + w["inf"] for w in bad)
-    evidence: dict[str, Any] = {
-        "tensors": [{"name": w["name"], "dtype": w["dtype"], "nan": w["nan"], "inf": w["inf"], "numel": w["numel"]} for w in bad[:20]],
-        "nonfinite_tensors": len(bad), "tensors_total": len(weights),
-        "nonfinite_values": n_bad, "share_of_values": round(n_bad / max(total, 1), 6),
-        "dtypes": sorted({w["dtype"] for w in bad}),
-    }
-    if base_weights is not None:
-        evidence["base_nonfinite_tensors"] = sum(1 for w in base_weights if w["nan"] or w["inf"])
-    fp16 = any(w["dtype"] == "float16" for w in bad)
-    return [Finding(
-        id="weights-nonfinite", severity="fail", level="checkpoint",
-        message=(f"{len(bad)} of {len(weights)} saved tensors hold NaN/inf ({n_bad} values, first: {bad[0]['name']}); "
-                 "every forward pass through them is NaN, and argmax of NaN logits is token 0"),
-        evidence=evidence,
-        fix=("the training run wrote NaN: do not optimise fp16 parameters with Adam (eps=1e-8 rounds to 0 in fp16); "
-             "keep fp32 master weights (torch.autocast + GradScaler, or bf16 mixed precision), and stop on the first "
-             "non-finite loss/grad (sftdoctor watch)" if fp16 else
-             "the training run wrote NaN/inf: find the first non-finite step (sftdoctor watch), lower the lr or "
-             "clip gradients, and re-save from the last finite checkpoint"),
-    )]
-
-
-def tied_findings(tied: Mapping[str, Any]) -> list[Finding]:
-    flag, emb, head, equal = tied.get("config_tie"), tied.get("embedding"), tied.get("lm_head"), tied.get("equal")
-    if emb is None:
-        return []  # no recognisable input embedding: nothing to compare
-    problem = None
-    if flag is False and head is None:
-        problem = ("tie_word_embeddings is false but no lm_head tensor was saved: a loader initialises lm_head "
-                   "randomly and the model prints garbage")
-        fix = "set tie_word_embeddings=true in config.json if the model was tied, or save the lm_head weight"
-    elif flag is True and head is not None and equal is False:
-        problem = (f"tie_word_embeddings is true but the saved {head} differs from {emb}: a loader ties them and "
-                   "silently drops the trained lm_head")
-        fix = "save with the weights tied (model.tie_weights() before save_pretrained), or set tie_word_embeddings=false"
-    if problem is None:
-        return []
-    return [Finding(id="tied-weights-mismatch", severity="warn", level="checkpoint", message=problem,
-                    evidence={"tie_word_embeddings": flag, "embedding": emb, "lm_head": head, "equal": equal,
-                              "max_diff": tied.get("max_diff")}, fix=fix)]
+# ---- what `watch` checks on the weights a script saves ------------------------------------------
 
 
 def check_state_dict(state: Mapping[str, torch.Tensor], config: Any = None) -> list[Finding]:
-    """weights-nonfinite and tied-weights-mismatch on an in-memory state dict (what a script saves).
+    """weights-nonfinite and tied-weights-mismatch on an in-memory state dict (what a script saves):
+    this module measures, the two probes judge.
 
     config: an HF config (or a dict) for tie_word_embeddings; None skips the tie check.
     """
+    # lazy: every checkpoint probe imports this module, so the registry cannot be imported at its top
+    from sftdoctor.probes import tied_weights_mismatch, weights_nonfinite
+
     tensors = [_in_memory(name, t) for name, t in state.items() if isinstance(t, torch.Tensor)]
-    findings = nonfinite_weight_findings([tensor_stats(t) for t in tensors])
+    findings = weights_nonfinite.judge([tensor_stats(t) for t in tensors])
     tie = config.get("tie_word_embeddings") if isinstance(config, Mapping) else getattr(config, "tie_word_embeddings", None)
     if config is not None and tie is not None:
-        findings += tied_findings(tied_status(tensors, bool(tie)))
+        findings += tied_weights_mismatch.judge(tied_status(tensors, bool(tie)))
     return findings
+
+
+def state_dict_weights(state: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Per tensor of an in-memory state dict: the weight-scan statistics (name, dtype, numel, nan, inf, max_abs)."""
+    return [tensor_stats(_in_memory(name, t)) for name, t in state.items() if isinstance(t, torch.Tensor)]
 
 
 # ---- greedy generation outputs --------------------------------------------------------------------
@@ -612,34 +573,59 @@ def is_degenerate(tokens: list[int], pad_ids: set[int]) -> bool:
     return sum(t in pad_ids for t in tokens) >= PAD_SHARE * len(tokens)
 
 
-def check_generation_outputs(prompts: list[list[int]], outputs: list[list[int]], tokenizer_info: Any, *,
-                             max_new_tokens: int | None = None, logits_nonfinite: Any = None,
-                             training: Mapping[str, Any] | None = None) -> list[Finding]:
-    """generation-degenerate (with its cause family) and generation-never-stops on greedy outputs.
+@dataclass
+class GenerationStats:
+    """Greedy outputs measured, not judged (generation-degenerate and generation-never-stops judge).
+
+    cut: per prompt, (new tokens before the first stop id, stopped). firsts: the first new token of
+    each output (the stop token itself when it stopped at once). degenerate: one token repeated, or
+    mostly pad / id 0 (is_degenerate), or an empty output ended by the pad token / id 0, or (with
+    non-finite logits) empty. emits_pad: the output is the pad token / id 0 at once.
+    """
+
+    cut: list[tuple[list[int], bool]]
+    firsts: list[int | None]
+    limit: int  # max_new_tokens (or the longest output when unknown)
+    nonfinite: bool | None  # logits NaN/inf somewhere (None: not checked)
+    degenerate: list[bool]
+    emits_pad: list[bool]
+    stop_ids: set[int]
+    pad_id: int | None
+    pad_is_eos: bool
+    tokenizer: Any = None
+
+    @property
+    def n(self) -> int:
+        return len(self.cut)
+
+    def text(self, token_id: int) -> str:
+        tok = self.tokenizer
+        return tok.token_text(token_id) if hasattr(tok, "token_text") else ""
+
+    def sample(self, k: int) -> dict[str, Any]:
+        tokens, stopped = self.cut[k]
+        decode = getattr(self.tokenizer, "decode", None)
+        s = decode(tokens[:48]) if decode is not None else " ".join(map(str, tokens[:48]))
+        first = self.firsts[k]
+        return {"prompt": k, "output": s, "ids": tokens[:16] or ([first] if first is not None else []),
+                "tokens": len(tokens), "stopped": stopped}
+
+
+def measure_generations(prompts: list[list[int]], outputs: list[list[int]], tokenizer_info: Any, *,
+                        max_new_tokens: int | None = None, logits_nonfinite: Any = None) -> GenerationStats | None:
+    """What greedy outputs look like (None when there are none).
 
     outputs: per prompt, the generated ids (new tokens, or prompt + new tokens as model.generate
-    returns them). logits_nonfinite: True/False (or a share, or a per-prompt list) when known:
-    non-finite logits make the family 'numerical', finite ones 'learned', unknown otherwise.
-    training: what is known about how the model was trained (sftdoctor.verdict.undertrained keys:
-    first_loss, last_loss, steps, vocab_size, eos_supervised, pad_is_eos_masked, ...).
-
-    Severity (docs/findings.md, "bad output, no defect found"): fail only when the cause is named:
-    non-finite logits, the repeated token is the pad token / id 0 / eos-as-pad, EOS never supervised
-    (or pad == eos with no evidence that EOS was supervised). Otherwise the output is bad but no
-    defect was found: warn with evidence.cause 'undertrained' and what the training evidence says.
+    returns them). logits_nonfinite: True/False (or a share, or a per-prompt list) when known.
     """
-    from .verdict import undertrained
-
     tok = tokenizer_info
-    training = dict(training or {})
     stop_ids = set(getattr(tok, "eos_ids", ()) or ())
     pad_id = getattr(tok, "pad_id", None)
     pad_is_eos = pad_id is not None and pad_id in stop_ids
     pad_ids = {0} | ({pad_id} if pad_id is not None and pad_id not in stop_ids else set())
     cut = [split_output(p, o, stop_ids) for p, o in zip(prompts, outputs)]
     if not cut:
-        return []
-    # the first new token of each output (the stop token itself when it stopped at once)
+        return None
     firsts = [_first_new(p, o) for p, o in zip(prompts, outputs)]
     limit = max_new_tokens if max_new_tokens is not None else max(len(t) for t, _ in cut)
     if isinstance(logits_nonfinite, (list, tuple)):
@@ -656,98 +642,27 @@ def check_generation_outputs(prompts: list[list[int]], outputs: list[list[int]],
         # empty rather than `!!!!`: still degenerate, numerical family.
         degenerate = [d or len(t) == 0 for d, (t, _) in zip(degenerate, cut)]
     degenerate = [d or e for d, e in zip(degenerate, emits_pad)]
-    text = tok.token_text if hasattr(tok, "token_text") else (lambda i: "")
-    decode = getattr(tok, "decode", None)
+    return GenerationStats(cut, firsts, limit, nonfinite, degenerate, emits_pad, stop_ids, pad_id, pad_is_eos, tok)
 
-    def sample(k: int) -> dict[str, Any]:
-        tokens, stopped = cut[k]
-        s = decode(tokens[:48]) if decode is not None else " ".join(map(str, tokens[:48]))
-        return {"prompt": k, "output": s, "ids": tokens[:16] or ([firsts[k]] if firsts[k] is not None else []),
-                "tokens": len(tokens), "stopped": stopped}
 
-    findings: list[Finding] = []
-    n, n_deg = len(cut), sum(degenerate)
-    if n_deg * 2 >= n and n_deg:
-        counts = Counter(t for (toks, _), d in zip(cut, degenerate) if d for t in toks)
-        counts.update(f for f, e in zip(firsts, emits_pad) if e)  # the pad token that ended an empty output
-        token_id, token_count = counts.most_common(1)[0] if counts else (0, 0)  # empty outputs: id 0 ended them
-        gen_total = sum(len(toks) for (toks, _), d in zip(cut, degenerate) if d) + sum(emits_pad)
-        family = "unknown" if nonfinite is None else ("numerical" if nonfinite else "learned")
-        tok_text = text(token_id)
-        pad_token = token_id == pad_id or token_id == 0
-        named = bool(nonfinite) or pad_token
-        why = {"numerical": "logits are NaN/inf (argmax of an all-NaN row is id 0)",
-               "learned": "logits are finite, so the weights genuinely prefer it",
-               "unknown": "logits were not checked"}[family]
-        fix = {
-            "numerical": ("load and serve in float32 or bfloat16 (torch_dtype='auto'), not float16; if the weights "
-                          "themselves hold NaN (weights-nonfinite), retrain with fp32 master weights"),
-            "learned": ("the model was trained to emit this token: pad labels with -100, never with 0 or pad_id "
-                        "(check a batch with sftdoctor inspect-batch), then retrain"),
-            "unknown": "run sftdoctor diagnose on the saved model to tell a numerical cause from a learned one",
-        }[family]
-        what = "emits" if sum(emits_pad) * 2 >= n_deg else "repeats"
-        evidence: dict[str, Any] = {
-            "family": family, "degenerate_prompts": n_deg, "prompts": n, "token_id": int(token_id),
-            "token_text": tok_text, "token_share": round(token_count / max(gen_total, 1), 4),
-            "token_is_pad": token_id == pad_id, "token_is_id0": token_id == 0,
-            "logits_finite": None if nonfinite is None else not nonfinite,
-            "samples": [sample(k) for k in range(n) if degenerate[k]][:3],
-        }
-        if named:
-            if not nonfinite:
-                evidence["cause"] = "pad-token-learned" if token_id == pad_id else "id0-learned"
-            message = (f"greedy generation {what} token {token_id} {tok_text!r} on {n_deg} of {n} prompts; {why} "
-                       f"({family} family)")
-            severity = "fail"
-        else:
-            # bad output, no defect found: a repeated ordinary token from a model that is still (nearly) untrained
-            evidence.update(undertrained(training))
-            message = (f"greedy generation repeats token {token_id} {tok_text!r} on {n_deg} of {n} prompts, but no "
-                       f"defect was found: logits {'finite' if nonfinite is False else 'not checked'}, the token is not the "
-                       f"pad token or id 0{_training_note(evidence)}; the model is undertrained, not broken")
-            fix = ("train longer (more steps or epochs), from a pretrained model, or with a larger model; the pipeline "
-                   "checks found nothing to fix")
-            severity = "warn"
-        findings.append(Finding(id="generation-degenerate", severity=severity, level="checkpoint",
-                                message=message, evidence=evidence, fix=fix))
-    normal = [k for k in range(n) if not degenerate[k]]
-    running = [k for k in normal if not cut[k][1] and len(cut[k][0]) >= limit]
-    if normal and len(running) * 2 > len(normal):
-        lengths = [len(cut[k][0]) for k in normal]
-        eos_text = [{"id": i, "text": text(i)} for i in sorted(stop_ids)]
-        evidence = {"stop_rate": round(1 - len(running) / len(normal), 4), "prompts": len(normal),
-                    "never_stopped": len(running), "mean_length": round(sum(lengths) / len(lengths), 2),
-                    "max_new_tokens": limit, "end_tokens": eos_text, "pad_is_eos": pad_is_eos,
-                    "samples": [sample(k) for k in running[:3]]}
-        eos_supervised = training.get("eos_supervised")
-        head = (f"greedy generation ran to the {limit}-token limit without an end token on {len(running)} of "
-                f"{len(normal)} prompts")
-        fix = ("supervise the EOS / end-of-turn token at the end of every response; if pad == eos, mask padding "
-               "by position (attention_mask == 0), not by token id, or use a pad token distinct from eos")
-        if eos_supervised is False or training.get("pad_is_eos_masked"):
-            evidence["cause"] = "eos-not-supervised"
-            severity, message = "fail", head + ": EOS was never supervised in training, so the model never learned to emit it"
-        elif pad_is_eos and eos_supervised is None:
-            evidence["cause"] = "pad-is-eos"
-            severity, message = "fail", (head + ": pad == eos, and masking the padding by token id masks every real EOS "
-                                         "too, so the model never learns to emit EOS")
-        else:
-            evidence.update(undertrained(training))
-            if eos_supervised:
-                evidence["cause"] = "undertrained"
-                message = (head + f": EOS was supervised in training{_training_note(evidence)}, so the model has not "
-                           "learned to stop yet: a capacity / training-length limit, not a defect")
-                fix = "train longer or use a larger or pretrained model; the EOS supervision is correct"
-            else:
-                evidence["cause"] = "no-defect-found"
-                message = (head + "; from the outputs alone no defect is named (pad differs from eos): check a training "
-                           "batch with sftdoctor inspect-batch (labels-eos-missing, pad-is-eos-masked name the cause), "
-                           "or the model is simply undertrained")
-            severity = "warn"
-        findings.append(Finding(id="generation-never-stops", severity=severity, level="checkpoint",
-                                message=message, evidence=evidence, fix=fix))
-    return findings
+def check_generation_outputs(prompts: list[list[int]], outputs: list[list[int]], tokenizer_info: Any, *,
+                             max_new_tokens: int | None = None, logits_nonfinite: Any = None,
+                             training: Mapping[str, Any] | None = None) -> list[Finding]:
+    """generation-degenerate (with its cause family) and generation-never-stops on greedy outputs
+    (what `watch` checks after model.generate): measured here, judged by the two probes.
+
+    non-finite logits make the family 'numerical', finite ones 'learned', unknown otherwise.
+    training: what is known about how the model was trained (sftdoctor.verdict.undertrained keys:
+    first_loss, last_loss, steps, vocab_size, eos_supervised, pad_is_eos_masked, ...).
+    """
+    # lazy: these probes import this module, so the registry cannot be imported at its top
+    from sftdoctor.probes import generation_degenerate, generation_never_stops
+
+    g = measure_generations(prompts, outputs, tokenizer_info, max_new_tokens=max_new_tokens,
+                            logits_nonfinite=logits_nonfinite)
+    if g is None:
+        return []
+    return generation_degenerate.judge(g, training) + generation_never_stops.judge(g, training)
 
 
 def _first_new(prompt: list[int], output: list[int]) -> int | None:
@@ -755,20 +670,6 @@ def _first_new(prompt: list[int], output: list[int]) -> int | None:
     if len(out) >= len(prompt) and prompt and out[: len(prompt)] == list(prompt):
         out = out[len(prompt):]
     return out[0] if out else None
-
-
-def _training_note(ev: Mapping[str, Any]) -> str:
-    """', loss 10.4 -> 6.1 over 40 steps (first loss ~ ln(vocab) 10.8: it started untrained)' from undertrained()."""
-    parts = []
-    if ev.get("first_loss") is not None and ev.get("last_loss") is not None:
-        parts.append(f"loss {ev['first_loss']:.3g} -> {ev['last_loss']:.3g}")
-    elif ev.get("last_loss") is not None:
-        parts.append(f"last loss {ev['last_loss']:.3g}")
-    if ev.get("steps") is not None:
-        parts.append(f"over {ev['steps']} steps")
-    if ev.get("started_untrained"):
-        parts.append(f"(first loss near ln(vocab) = {ev['ln_vocab']:.3g}: it started untrained)")
-    return (", " + " ".join(parts)) if parts else ""
 
 
 def read_generation_config(folder: str | os.PathLike) -> dict[str, Any] | None:

@@ -1,5 +1,7 @@
 """The probe engine: a probe is a small module with `id`, `level`, `needs`, `summary` and
-`check(ctx) -> list[Finding]`. The registry (sftdoctor.probes.ALL) lists them explicitly.
+`check(ctx) -> list[Finding]`, plus what the rest of sftdoctor needs to know about its finding:
+`family`, `priority`, `cause` (root-cause ranking), `remedy` and `fix_on_warn` (`train --fix`).
+The registry (sftdoctor.probes.ALL) lists them explicitly.
 
 Contract: a probe never prints and never aborts. An exception inside a probe becomes a
 'skipped' check with the error as reason, so one broken probe cannot hide the others.
@@ -49,12 +51,16 @@ class Probe:
     # How a batch probe's findings add up over many batches (a probes._dataset.DatasetRule; None:
     # the default rule). Read by sftdoctor.dataset when a whole dataset is inspected.
     dataset: Any = None
-    # What the probe's finding means for root causes and `train --fix` (declared in the probe file):
-    family: str = "other"  # learned | numerical | setup | symptom | other
+    # What the finding says about the cause (reports rank root causes by these):
+    # family: "learned" (trained on wrong targets), "numerical" (overflow/NaN), "setup" (configuration),
+    # "symptom" (an effect of some other cause), "other" (none declared).
+    family: str = "other"
     priority: int = 30  # lower = more upstream: a cause is listed before the symptoms it explains
-    cause: str = ""  # one line: what happened
-    remedy: str | None = None  # the train --fix remedy name (sftdoctor.train.preflight.REMEDIES)
-    fix_on_warn: bool = False  # --fix repairs it even as a warning (safe, and its damage is silent)
+    cause: str = ""  # one line: what happened. Empty: the probe is not ranked as a root cause
+    # `sftdoctor train --fix`: the name of the remedy (sftdoctor.train.preflight.REMEDIES) or None;
+    # fix_on_warn: also apply it to a warn (safe remedy, silent damage), not only to a fail.
+    remedy: str | None = None
+    fix_on_warn: bool = False
 
     @classmethod
     def from_module(cls, mod: ModuleType) -> "Probe":
@@ -65,8 +71,9 @@ class Probe:
         return cls(
             id=mod.id, level=mod.level, summary=mod.summary, needs=tuple(getattr(mod, "needs", ())),
             check=mod.check, ids=tuple(getattr(mod, "ids", ())) or (mod.id,), dataset=getattr(mod, "dataset", None),
-            family=getattr(mod, "family", "other"), priority=getattr(mod, "priority", 30), cause=getattr(mod, "cause", ""),
-            remedy=getattr(mod, "remedy", None), fix_on_warn=getattr(mod, "fix_on_warn", False),
+            family=getattr(mod, "family", "other"), priority=int(getattr(mod, "priority", 30)),
+            cause=getattr(mod, "cause", ""), remedy=getattr(mod, "remedy", None),
+            fix_on_warn=bool(getattr(mod, "fix_on_warn", False)),
         )
 
 

@@ -119,16 +119,15 @@ def root_causes(report: Report, registry: Registry) -> list[dict[str, Any]]:
     """Fail findings ranked upstream-first, each with its family and a one-line explanation from its
     probe's declaration. A symptom whose family is known from its evidence is listed under it."""
     session = Session.reopen(report, registry)
-    declared = {p.id: p for p in registry.probes}
+    # only a probe that declares a `cause` is ranked as one; the others count as ("other", 30, "")
+    causes = {p.id: (p.family, p.priority, p.cause) for p in registry.probes if p.cause}
     fails = [f for f in report.findings if f.severity == "fail"]
     if fails:
         # a warn that is a known upstream cause (fp16 + Adam, divergence) often explains the fails
-        fails += [f for f in report.findings if f.severity == "warn" and f.id in declared
-                  and declared[f.id].family not in ("symptom", "other")]
+        fails += [f for f in report.findings if f.severity == "warn" and causes.get(f.id, ("symptom",))[0] != "symptom"]
     ranked = []
     for f in fails:
-        probe = declared.get(f.id)
-        base_family, priority, what = (probe.family, probe.priority, probe.cause) if probe else ("other", 30, "")
+        base_family, priority, what = causes.get(f.id, ("other", 30, ""))
         if f.id == "precision-overflow" and (f.evidence or {}).get("kind") == "nan-without-overflow":
             what = "NaN appeared with no value near the dtype's limit: NaN weights or inputs, not a range overflow."
         text0 = _id0_text(report)

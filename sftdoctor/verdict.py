@@ -15,7 +15,7 @@ No torch import here: renderers and the JSON loader use it.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 VERDICTS = ("fail", "warn", "pass", "inconclusive")
 EXIT_CODES = {"pass": 0, "warn": 0, "fail": 1, "inconclusive": 3}
@@ -115,6 +115,20 @@ def undertrained(training: dict[str, Any] | None, *, vocab_size: int | None = No
         if t.get(k) is not None:
             ev[k] = t[k]
     return ev
+
+
+def training_note(ev: Mapping[str, Any]) -> str:
+    """', loss 10.4 -> 6.1 over 40 steps (first loss ~ ln(vocab) 10.8: it started untrained)' from undertrained()."""
+    parts = []
+    if ev.get("first_loss") is not None and ev.get("last_loss") is not None:
+        parts.append(f"loss {ev['first_loss']:.3g} -> {ev['last_loss']:.3g}")
+    elif ev.get("last_loss") is not None:
+        parts.append(f"last loss {ev['last_loss']:.3g}")
+    if ev.get("steps") is not None:
+        parts.append(f"over {ev['steps']} steps")
+    if ev.get("started_untrained"):
+        parts.append(f"(first loss near ln(vocab) = {ev['ln_vocab']:.3g}: it started untrained)")
+    return (", " + " ".join(parts)) if parts else ""
 
 
 def _num(v: Any) -> float | None:

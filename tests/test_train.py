@@ -298,6 +298,33 @@ def test_a_fail_finding_during_training_stops_the_run(tmp_path):
     assert not (tmp_path / "run" / "final").exists()
 
 
+def test_train_findings_come_from_the_probes():
+    """The step log's loss guard and the reload check measure; loss-nonfinite and weights-nonfinite
+    (the probes) judge, with the probes' evidence."""
+    from sftdoctor.checkpoint import CheckpointRecord, state_dict_weights
+    from sftdoctor.train.checks import _judge
+    from sftdoctor.train.steplog import loss_findings
+
+    assert loss_findings({"step": 5, "loss": 2.5, "supervised_tokens": 40}) == []
+    (f,) = loss_findings({"step": 5, "loss": float("nan"), "supervised_tokens": 0})
+    assert f.id == "loss-nonfinite" and f.severity == "fail" and f.step == 5
+    assert f.evidence["cause"] == "empty-row-division" and f.evidence["supervised_tokens"] == 0
+    (f,) = loss_findings({"step": 6, "loss": float("inf"), "supervised_tokens": 40})
+    assert f.evidence["value"] == float("inf") and f.evidence["source"] == "trainer log"
+
+    w = torch.ones(4, 4)
+    w[1, 2] = float("nan")
+    report = Report(command="train")
+    _judge(report, CheckpointRecord(weights=state_dict_weights({"a.weight": torch.ones(3), "b.weight": w})), None, {},
+           "weights-nonfinite")
+    f = report.get("weights-nonfinite")
+    assert f.step is None and f.evidence["nonfinite_tensors"] == 1 and f.evidence["tensors"][0]["name"] == "b.weight"
+    assert {c.id: c.status for c in report.checks} == {"weights-nonfinite": "fail"}
+    clean = Report(command="train")
+    _judge(clean, CheckpointRecord(weights=state_dict_weights({"a.weight": torch.ones(3)})), None, {}, "weights-nonfinite")
+    assert clean.findings == [] and {c.id: c.status for c in clean.checks} == {"weights-nonfinite": "pass"}
+
+
 @pytest.mark.parametrize("flags,finding,what,after", [
     (["--no-append-eos"], "labels-eos-missing", "append_eos", "True"),
     (["--max-length", "30", "--overlong", "truncate"], "truncation-answer-lost", "max_length", "fits every answer"),

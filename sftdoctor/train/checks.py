@@ -1,15 +1,21 @@
 """After the final save: reload the model from disk and check what was written, not what is
 in memory. Uses `sftdoctor.diagnose.diagnose` (the checkpoint probes) when it is available;
-the built-in minimum is: every weight finite, greedy generation stops.
+the built-in minimum is: every weight finite, greedy generation stops, measured here on the
+reloaded model and judged by the weights-nonfinite and generation-never-stops probes.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..findings import CheckResult, Finding
+from .. import trainmeta
+from ..checkpoint import CheckpointRecord, state_dict_weights
+from ..context import ProbeContext, TokenizerInfo
+from ..engine import run_probes
+from ..probes import CHECKPOINT
 from ..report import Report
 from .pipeline import Pipeline, stop_ids
 
@@ -41,47 +47,38 @@ def check_saved(folder: Path, report: Report, pipe: Pipeline, say) -> Any:
             info["diagnose"] = {"verdict": sub.verdict, "findings": sorted(sub.ids())}
         except Exception as e:  # an unfinished checker must not lose a trained model
             info["diagnose_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    # The minimum, always: finite weights and a generation that stops.
-    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()}
-    if bad:
-        report.add([Finding(id="weights-nonfinite", severity="fail", level="checkpoint",
-                            message=f"{len(bad)} saved tensors hold NaN/inf", evidence={"tensors": dict(list(bad.items())[:20])},
-                            fix="train in bf16 or fp32; look at the step findings for the first non-finite value")])
-    report.record_checks([CheckResult(id="weights-nonfinite", status="fail" if bad else "pass", level="checkpoint")])
+    # The minimum, always: finite weights and a generation that stops (the probes judge; a finding
+    # diagnose already made above is kept, Report.add keeps the first per id).
+    weights = state_dict_weights(model.state_dict())
+    bad = [w["name"] for w in weights if w["nan"] or w["inf"]]
+    _judge(report, CheckpointRecord(path=str(folder), weights=weights), None, {}, "weights-nonfinite")
     from .evaluate import generate_answers
 
     budget = pipe.recipe.max_new_tokens or 64
+    stops = stop_ids(tokenizer, pipe.recipe.prompt_format)
     answers = generate_answers(model, tokenizer, prompts, prompt_format=pipe.recipe.prompt_format,
-                               stop=stop_ids(tokenizer, pipe.recipe.prompt_format), max_new_tokens=budget, batch_size=len(prompts) or 1)
+                               stop=stops, max_new_tokens=budget, batch_size=len(prompts) or 1)
     stop_rate = sum(a["stopped"] for a in answers) / max(len(answers), 1)
     info.update({"weights_finite": not bad, "stop_rate": stop_rate, "prompts": len(answers),
                  "sample": answers[0]["text"] if answers else None})
-    never_stops = None
-    if answers and stop_rate < 0.5:
-        never_stops = _never_stops(folder, stop_rate, len(answers), budget, sum(a["new_tokens"] for a in answers) / len(answers))
-        report.add([never_stops])
-    report.record_checks([CheckResult(id="generation-never-stops", status=never_stops.severity if never_stops else "pass", level="checkpoint")])
+    # the probe reads the end tokens generation stopped on, the recipe's own included
+    tok = TokenizerInfo.from_tokenizer(tokenizer)
+    tok = dataclasses.replace(tok, eos_ids=frozenset(tok.eos_ids) | frozenset(stops))
+    rec = CheckpointRecord(path=str(folder), generation_dtype="float32", max_new_tokens=budget,
+                           generations=[{"prompt_ids": a["prompt_ids"], "output_ids": a["output_ids"], "stopped": a["stopped"]}
+                                        for a in answers])
+    training = (trainmeta.read(folder) or {}).get("training", {})
+    _judge(report, rec, tok, {"training": training}, "generation-never-stops")
     report.metrics["reload_check"] = info
     say(f"reload check: weights {'finite' if not bad else 'NOT finite'}, generation stops on {stop_rate:.0%} of {len(answers)} prompts")
     return None if bad else model
 
 
-
-def _never_stops(folder: Path, stop_rate: float, prompts: int, budget: int, mean_new: float) -> Finding:
-    """A fail only when EOS was not supervised; with EOS supervised (this recipe appends it and
-    preflight checked it) a model that does not stop yet is undertrained: a warn with the evidence."""
-    from .. import trainmeta
-    from ..verdict import undertrained
-
-    training = (trainmeta.read(folder) or {}).get("training", {})
-    ev = {"stop_rate": stop_rate, "max_new_tokens": budget, "mean_new_tokens": mean_new, "prompts": prompts}
-    head = f"the reloaded model stopped on {stop_rate:.0%} of {prompts} prompts within {budget} new tokens"
-    if training.get("eos_supervised"):
-        ev.update(undertrained(training))
-        return Finding(id="generation-never-stops", severity="warn", level="checkpoint",
-                       message=head + "; EOS was supervised in every training row, so this is a capacity / training-length "
-                                      "limit of this model, not a defect",
-                       evidence=ev, fix="train longer or use a larger or pretrained model (--model)")
-    ev["cause"] = "eos-not-supervised" if training.get("eos_supervised") is False else "unknown"
-    return Finding(id="generation-never-stops", severity="fail", level="checkpoint", message=head, evidence=ev,
-                   fix="supervise EOS at the end of each answer; check generation_config.eos_token_id")
+def _judge(report: Report, rec: CheckpointRecord, tok: TokenizerInfo | None, hints: dict[str, Any], fid: str) -> None:
+    """Run the checkpoint probe `fid` on what was measured; add its finding and its check."""
+    probes = [p for p in CHECKPOINT if p.id == fid]
+    found, checks = run_probes(ProbeContext(checkpoint=rec, tokenizer=tok, hints=hints), probes)
+    for f in found:
+        f.step = None  # the reload check belongs to no training step
+    report.add(found)
+    report.record_checks(checks)

@@ -17,7 +17,8 @@ from .data import final_answer
 @torch.no_grad()
 def generate_answers(model: Any, tokenizer: Any, questions: list[str], *, prompt_format: str, stop: list[int],
                      max_new_tokens: int, batch_size: int, progress: Any = None) -> list[dict[str, Any]]:
-    """For each question: the decoded answer (up to the stop token), whether it stopped, its length."""
+    """For each question: the decoded answer (up to the stop token), whether it stopped, its length,
+    and its token ids (prompt_ids; output_ids: the new tokens, the stop token included)."""
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
@@ -34,11 +35,13 @@ def generate_answers(model: Any, tokenizer: Any, questions: list[str], *, prompt
         generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                    max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
                                    pad_token_id=pad, use_cache=True)
-        for row in generated[:, width:].tolist():
+        for p, row in zip(prompts, generated[:, width:].tolist()):
             stopped = next((i for i, t in enumerate(row) if t in stop), None)
             tokens = row if stopped is None else row[:stopped]
+            # prompt_ids / output_ids (new tokens up to and with the stop token): what the checkpoint probes read
             out.append({"text": tokenizer.decode(tokens, skip_special_tokens=True), "stopped": stopped is not None,
-                        "new_tokens": len(tokens) + (stopped is not None)})
+                        "new_tokens": len(tokens) + (stopped is not None), "prompt_ids": p,
+                        "output_ids": row if stopped is None else row[:stopped + 1]})
         if task is not None:
             progress.advance(task, len(prompts))
     if task is not None:

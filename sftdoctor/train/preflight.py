@@ -8,11 +8,15 @@ runs preflight again to confirm.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
+from ..context import ProbeContext
+from ..engine import Probe, run_probes
 from ..errors import UserError
 from ..findings import CheckResult, Finding
+from ..probes import ALL, STEP, truncation_answer_lost
 from ..report import Report
+from ..stepstats import StepRecord
 from .collate import IGNORE_INDEX
 from .pipeline import Pipeline, add_pad_token, build_pipeline, resize_embeddings, safe_dtype, tokenize
 
@@ -40,27 +44,33 @@ class Change:
 
 # ---- checks on the whole recipe/dataset (the batch probes see only a few rows) ----------------
 
-def recipe_findings(pipe: Pipeline) -> list[Finding]:
-    """What the recipe itself says is unsafe, under the spec's finding ids."""
-    r, out = pipe.recipe, []
-    saved = pipe.saved_dtype
-    if pipe.dtype == "fp16" and saved == "bfloat16":
-        out.append(Finding(
-            id="precision-fp16-unsafe", severity="warn", level="step",
-            message="fp16 training requested for a checkpoint saved in bfloat16: its activations can exceed fp16's 65504 and turn into inf/NaN",
-            evidence={"requested_dtype": "float16", "checkpoint_dtype": saved},
-            fix="train in bf16 (GPU with bf16) or fp32; `sftdoctor train --fix` does this"))
+FP16_PROBES = [p for p in STEP if p.id == "precision-fp16-unsafe"]
+
+
+def recipe_findings(pipe: Pipeline, ignore: Iterable[str] = ()) -> tuple[list[Finding], list[CheckResult]]:
+    """What the recipe itself says is unsafe, under the spec's finding ids: measured here on the
+    whole recipe/dataset, judged by the probes of those ids."""
+    r, out, checks = pipe.recipe, [], []
+    # the dtype training will run in, as a step record: precision-fp16-unsafe reads the autocast and checkpoint dtypes
+    step = StepRecord(step=0, optimizer_step_index=0, full=False,
+                      dtypes={"autocast": "float16" if pipe.dtype == "fp16" else None, "config": pipe.saved_dtype})
+    found, checks = run_probes(ProbeContext(step=step), FP16_PROBES, ignore=ignore)
+    for f in found:
+        f.step = None  # before training: no step
+    out += found
+    if "truncation-answer-lost" in ignore:
+        return out, checks
+    lost = 0
     if pipe.length_stats.get("truncated"):
         lost = sum(1 for ex in pipe.train_examples if ex["labels"][-1] == IGNORE_INDEX or
                    ex["input_ids"][-1] not in _stop_ids(pipe))
-        if lost:
-            out.append(Finding(
-                id="truncation-answer-lost", severity="fail", level="batch",
-                message=f"{lost} of {pipe.length_stats['rows']} rows were cut at max_length {r.max_length} and lost the end of their answer (the `#### N` line or EOS)",
-                evidence={"rows": pipe.length_stats["rows"], "truncated_rows": pipe.length_stats["truncated"], "answer_lost_rows": lost,
-                          "max_length": r.max_length, "longest_row": max(len(ex["input_ids"]) for ex in pipe.train_examples)},
-                fix="raise --max-length to fit the answers, or drop overlong rows (--overlong drop)"))
-    return out
+    lost_found = truncation_answer_lost.judge_recipe(
+        rows=pipe.length_stats.get("rows"), truncated_rows=pipe.length_stats.get("truncated"), answer_lost_rows=lost,
+        max_length=r.max_length, longest_row=max((len(ex["input_ids"]) for ex in pipe.train_examples), default=0))
+    out += lost_found
+    checks.append(CheckResult(id="truncation-answer-lost", status=lost_found[0].severity if lost_found else "pass",
+                              level=lost_found[0].level if lost_found else "batch"))
+    return out, checks
 
 
 def _stop_ids(pipe: Pipeline) -> set[int]:
@@ -115,11 +125,9 @@ def run_preflight(pipe: Pipeline, *, global_batch: int, ignore: set[str] = froze
             for key in ("tokenizer", "model"):
                 if key in one.metrics:
                     report.metrics[key] = one.metrics[key]
-    own = [f for f in recipe_findings(pipe) if f.id not in ignore]
+    own, checks = recipe_findings(pipe, ignore)
     report.add(own)
-    report.record_checks(CheckResult(id=i, status="pass", level="batch") for i in ("precision-fp16-unsafe", "truncation-answer-lost")
-                         if i not in ignore and i not in {f.id for f in own})
-    report.record_checks(CheckResult(id=f.id, status=f.severity, level=f.level) for f in own)
+    report.record_checks(c for c in checks if c.status != "skipped")  # an ignored id records nothing, as before
     return report
 
 
@@ -194,36 +202,33 @@ def _fix_empty_rows(pipe: Pipeline, fid: str) -> list[Change]:
     return [Change(fid, "training rows", str(n), f"{len(kept)} (rows with no supervised token dropped)")]
 
 
+# Remedy name (a probe's `remedy` declaration) -> the function that applies it.
 REMEDIES: dict[str, Callable[[Pipeline, str], list[Change]]] = {
-    "labels-pad-not-ignored": _use_builtin_collator,
-    "attention-mask-hides-tokens": _use_builtin_collator,
-    "attention-rows-empty": _use_builtin_collator,
-    "labels-misaligned": _use_builtin_collator,
-    "position-ids-inconsistent": _use_builtin_collator,
-    "padding-side-left-train": _use_builtin_collator,
-    "packing-cross-contamination": _use_builtin_collator,
-    "grad-from-ignored-tokens": _use_builtin_collator,
-    "pad-is-eos-masked": _use_builtin_collator,
-    "labels-prompt-supervised": _fix_prompt,
-    "labels-eos-missing": _fix_eos,
-    "labels-no-supervised-tokens": _fix_empty_rows,
-    "truncation-answer-lost": _fix_truncation,
-    "token-id-out-of-range": _fix_vocab,
-    "pad-token-missing": _fix_pad,
-    "precision-fp16-unsafe": _fix_dtype,
-    "precision-overflow": _fix_dtype,
-    "precision-headroom": _fix_dtype,
-    "logits-nonfinite": _fix_dtype,
-    "loss-nonfinite": _fix_dtype,
-    "grad-nonfinite": _fix_dtype,
-    "loss-scale-skipped-steps": _fix_dtype,
+    "collator": _use_builtin_collator,
+    "prompt": _fix_prompt,
+    "eos": _fix_eos,
+    "empty_rows": _fix_empty_rows,
+    "truncation": _fix_truncation,
+    "vocab": _fix_vocab,
+    "pad": _fix_pad,
+    "dtype": _fix_dtype,
 }
+# Finding id -> the probe that emits it (what it declares: remedy, fix_on_warn).
+PROBES: dict[str, Probe] = {i: p for p in ALL for i in p.ids}
+
+
+def remedy(fid: str) -> Callable[[Pipeline, str], list[Change]] | None:
+    """The remedy function the probe of this finding id declares (None: no remedy)."""
+    p = PROBES.get(fid)
+    return REMEDIES[p.remedy] if p is not None and p.remedy is not None else None
 
 
 def should_fix(f: Finding) -> bool:
-    """--fix repairs every fail finding with a remedy, and the warnings whose remedy is safe and
-    whose cost is silent damage (fp16 on a bf16 checkpoint, pad == EOS)."""
-    return f.id in REMEDIES and (f.severity == "fail" or f.id in ("precision-fp16-unsafe", "pad-token-missing", "labels-prompt-supervised"))
+    """--fix repairs every fail finding with a remedy, and the warnings whose probe declares
+    fix_on_warn (the remedy is safe and the cost is silent damage: fp16 on a bf16 checkpoint,
+    pad == EOS)."""
+    p = PROBES.get(f.id)
+    return remedy(f.id) is not None and (f.severity == "fail" or p.fix_on_warn)
 
 
 def apply_fixes(pipe: Pipeline, report: Report) -> tuple[Pipeline, list[Change]]:
@@ -233,12 +238,13 @@ def apply_fixes(pipe: Pipeline, report: Report) -> tuple[Pipeline, list[Change]]
     for f in report.by_severity():
         if not should_fix(f) or any(f.id in c.findings for c in changes):
             continue
-        made = REMEDIES[f.id](pipe, f.id)
+        fix = remedy(f.id)
+        made = fix(pipe, f.id)
         if made:
             changes += made
             continue
         # nothing left to change: an earlier change (the built-in collator, a safe dtype) covers it
-        area = "dtype" if REMEDIES[f.id] is _fix_dtype else "collator"
+        area = "dtype" if fix is _fix_dtype else "collator"
         earlier = next((c for c in changes if c.what == area), None)
         if earlier is not None:
             earlier.also.append(f.id)

@@ -17,8 +17,12 @@ from typing import Any
 
 import torch
 
+from ..context import ProbeContext
+from ..engine import run_probes
 from ..findings import Finding
+from ..probes import STEP
 from ..report import Report
+from ..stepstats import StepRecord
 from .pipeline import rank, world_size
 
 STEPS_FILE = "steps.jsonl"
@@ -95,11 +99,9 @@ def step_logger_class():
             rec = {**self.pending, "loss": logs["loss"], "grad_norm": logs.get("grad_norm"), "lr": logs.get("learning_rate")}
             del self.pending
             self.records.append(rec)
-            if not math.isfinite(float(rec["loss"])):
-                self.report.add([Finding(id="loss-nonfinite", severity="fail", level="step", step=rec["step"],
-                                         message=f"the training loss is {rec['loss']} at step {rec['step']}",
-                                         evidence={"step": rec["step"], "value": rec["loss"]},
-                                         fix="check the precision (fp16 on a bf16 checkpoint), the learning rate and rows with no supervised token")])
+            found = loss_findings(rec)
+            if found:
+                self.report.add(found)
                 control.should_training_stop = True
             if is_main():
                 with open(self.path, "a", encoding="utf-8") as f:  # an append-only log, one line per step
@@ -119,6 +121,20 @@ def step_logger_class():
             return m
 
     return StepLogger
+
+
+LOSS_PROBES = [p for p in STEP if p.id == "loss-nonfinite"]
+
+
+def loss_findings(rec: dict[str, Any]) -> list[Finding]:
+    """The loss-nonfinite probe on one logged optimizer step of steps.jsonl (its loss, as the
+    Trainer logged it, and the supervised tokens of the step). Cheap: math on one number."""
+    if math.isfinite(float(rec["loss"])):
+        return []  # the common case: no probe context to build
+    step = StepRecord(step=rec["step"], optimizer_step_index=rec["step"], full=False, loss=float(rec["loss"]),
+                      loss_source="trainer log", supervised_tokens=rec.get("supervised_tokens"))
+    found, _ = run_probes(ProbeContext(step=step, step_index=rec["step"]), LOSS_PROBES)
+    return found
 
 
 def peak_flops() -> float | None:
