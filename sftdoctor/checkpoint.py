@@ -1,6 +1,6 @@
 """Checkpoint-level evidence: a streamed weight scan of a saved model, the CheckpointRecord that
 the checkpoint probes read, and the measurements behind the two checks `watch` runs on what a
-user's script saves or generates (check_state_dict, check_generation_outputs: the probes judge).
+user's script saves or generates (measured here; sftdoctor.outputs hands them to the probes).
 
 The scan never loads the whole model: it reads each safetensors file sequentially, one tensor at
 a time in row chunks of at most CHUNK_ELEMENTS values, each chunk a mapping of just its own pages
@@ -180,7 +180,7 @@ def open_tensors(folder: str | os.PathLike, stack: ExitStack) -> tuple[str, list
                 raise UserError(f"{f} does not hold a state dict; pass the folder written by save_pretrained")
             for name, t in state.items():
                 if isinstance(t, torch.Tensor):
-                    out.append(_in_memory(name, t, f.name))
+                    out.append(in_memory(name, t, f.name))
     return fmt, out
 
 
@@ -290,7 +290,7 @@ class SafetensorsReader:
         self.file.close()  # live views keep their own mappings (mmap holds its own descriptor)
 
 
-def _in_memory(name: str, t: torch.Tensor, file: str = "") -> StoredTensor:
+def in_memory(name: str, t: torch.Tensor, file: str = "") -> StoredTensor:
     t = t.detach()
     return StoredTensor(name, str(t.dtype).replace("torch.", ""), tuple(t.shape),
                         (lambda a, b: t[a:b]) if t.dim() else (lambda a, b: t.reshape(1)), file)
@@ -523,26 +523,9 @@ def weight_change(folder: str | os.PathLike, base_folder: str | os.PathLike) -> 
 # ---- what `watch` checks on the weights a script saves ------------------------------------------
 
 
-def check_state_dict(state: Mapping[str, torch.Tensor], config: Any = None) -> list[Finding]:
-    """weights-nonfinite and tied-weights-mismatch on an in-memory state dict (what a script saves):
-    this module measures, the two probes judge.
-
-    config: an HF config (or a dict) for tie_word_embeddings; None skips the tie check.
-    """
-    # lazy: every checkpoint probe imports this module, so the registry cannot be imported at its top
-    from sftdoctor.probes import tied_weights_mismatch, weights_nonfinite
-
-    tensors = [_in_memory(name, t) for name, t in state.items() if isinstance(t, torch.Tensor)]
-    findings = weights_nonfinite.judge([tensor_stats(t) for t in tensors])
-    tie = config.get("tie_word_embeddings") if isinstance(config, Mapping) else getattr(config, "tie_word_embeddings", None)
-    if config is not None and tie is not None:
-        findings += tied_weights_mismatch.judge(tied_status(tensors, bool(tie)))
-    return findings
-
-
 def state_dict_weights(state: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
     """Per tensor of an in-memory state dict: the weight-scan statistics (name, dtype, numel, nan, inf, max_abs)."""
-    return [tensor_stats(_in_memory(name, t)) for name, t in state.items() if isinstance(t, torch.Tensor)]
+    return [tensor_stats(in_memory(name, t)) for name, t in state.items() if isinstance(t, torch.Tensor)]
 
 
 # ---- greedy generation outputs --------------------------------------------------------------------
@@ -643,26 +626,6 @@ def measure_generations(prompts: list[list[int]], outputs: list[list[int]], toke
         degenerate = [d or len(t) == 0 for d, (t, _) in zip(degenerate, cut)]
     degenerate = [d or e for d, e in zip(degenerate, emits_pad)]
     return GenerationStats(cut, firsts, limit, nonfinite, degenerate, emits_pad, stop_ids, pad_id, pad_is_eos, tok)
-
-
-def check_generation_outputs(prompts: list[list[int]], outputs: list[list[int]], tokenizer_info: Any, *,
-                             max_new_tokens: int | None = None, logits_nonfinite: Any = None,
-                             training: Mapping[str, Any] | None = None) -> list[Finding]:
-    """generation-degenerate (with its cause family) and generation-never-stops on greedy outputs
-    (what `watch` checks after model.generate): measured here, judged by the two probes.
-
-    non-finite logits make the family 'numerical', finite ones 'learned', unknown otherwise.
-    training: what is known about how the model was trained (sftdoctor.verdict.undertrained keys:
-    first_loss, last_loss, steps, vocab_size, eos_supervised, pad_is_eos_masked, ...).
-    """
-    # lazy: these probes import this module, so the registry cannot be imported at its top
-    from sftdoctor.probes import generation_degenerate, generation_never_stops
-
-    g = measure_generations(prompts, outputs, tokenizer_info, max_new_tokens=max_new_tokens,
-                            logits_nonfinite=logits_nonfinite)
-    if g is None:
-        return []
-    return generation_degenerate.judge(g, training) + generation_never_stops.judge(g, training)
 
 
 def _first_new(prompt: list[int], output: list[int]) -> int | None:

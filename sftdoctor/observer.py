@@ -146,6 +146,11 @@ class StepObserver:
         if opt is not None and (self._opt_ref is None or self._opt_ref() is None):
             self._opt_ref = weakref.ref(opt)
 
+    @property
+    def observing_fully(self) -> bool:
+        """Whether the micro-step in flight (its forward has started) is a fully observed one."""
+        return self._pending is not None and self._pending.full
+
     def force_full_next(self) -> None:
         """Observe the next steps fully (right after an anomaly)."""
         self._forced_until = max(self._forced_until, self._key() + 1)

@@ -42,11 +42,17 @@ class Session:
         self.report = Report(command=command, environment=dict(environment() if env is None else env))
 
     # ---- judging ------------------------------------------------------------------------------
-    def evaluate(self, ctx: ProbeContext, level: str) -> tuple[list[Finding], list[CheckResult]]:
-        """Run the probes of one level on `ctx` and return their findings (stamped with the step,
-        rank and cause family) and checks, without recording them: for callers that aggregate
-        many contexts first (the whole-dataset inspector) and then `record` the result."""
-        findings, checks = run_probes(ctx, self.registry.at(level), ignore=self.ignore)
+    def evaluate(self, ctx: ProbeContext, level: str, *, only: Iterable[str] | None = None
+                 ) -> tuple[list[Finding], list[CheckResult]]:
+        """Run the probes of one level (or only the named ids of it) on `ctx` and return their
+        findings (stamped with the step, rank and cause family) and checks, without recording them:
+        for callers that aggregate many contexts first (the whole-dataset inspector) and then
+        `record` the result."""
+        probes = self.registry.at(level)
+        if only is not None:
+            wanted = set(only)
+            probes = [p for p in probes if wanted & set(p.ids)]
+        findings, checks = run_probes(ctx, probes, ignore=self.ignore)
         for f in findings:
             if f.step is None:
                 f.step = ctx.step_index
@@ -57,9 +63,10 @@ class Session:
                 f.evidence.setdefault("family", "numerical" if self.family(f) == "numerical" else "learned")
         return findings, checks
 
-    def check(self, ctx: ProbeContext, level: str) -> list[Finding]:
-        """Run the probes of one level on `ctx` and record them; returns the findings that were new."""
-        findings, checks = self.evaluate(ctx, level)
+    def check(self, ctx: ProbeContext, level: str, *, only: Iterable[str] | None = None) -> list[Finding]:
+        """Run the probes of one level (or only the named ids) on `ctx` and record them; returns the
+        findings that were new."""
+        findings, checks = self.evaluate(ctx, level, only=only)
         return self.record(findings, checks)
 
     def record(self, findings: Iterable[Finding], checks: Iterable[CheckResult]) -> list[Finding]:

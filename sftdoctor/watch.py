@@ -20,10 +20,12 @@ import torch
 from . import distributed, internal
 from .api import inspect_batch
 from .attach import STEP_CHECKS
+from .context import TokenizerInfo
 from .findings import CheckResult, Finding
 from .frames import find_in_frames, find_tokenizer, trainer_tokenizer
 from .intercept import (ForwardCatcher, capture, close_progress_bars, complete_batch, probe_ready, running_main_globals, trainer_hints)
 from .live import LiveView
+from .outputs import check_generation_outputs, check_state_dict, generation_format_mismatch
 from .patches import ENTRIES, Patches
 from .probes import REGISTRY
 from .report import Report
@@ -391,10 +393,6 @@ class Watcher:
     def _check_saved(self, state: Mapping, config: Any, where: str) -> None:
         if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
             return  # an optimizer state or a mixed dict: not weights
-        try:
-            from .checkpoint import check_state_dict
-        except ImportError:
-            return
         self._saving = True
         try:
             found = check_state_dict(state, config)
@@ -408,11 +406,6 @@ class Watcher:
         self._record_checkpoint_checks(found, ids, "saves", {"path": where, "tensors": len(state)})
 
     def _after_generate(self, model, args, kwargs, result) -> None:
-        try:
-            from .checkpoint import check_generation_outputs
-            from .context import TokenizerInfo
-        except ImportError:
-            return
         prompts = kwargs.get("input_ids", args[0] if args else None)
         sequences = result if isinstance(result, torch.Tensor) else getattr(result, "sequences", None)
         if not isinstance(prompts, torch.Tensor) or not isinstance(sequences, torch.Tensor) or prompts.dim() != 2:
@@ -436,7 +429,6 @@ class Watcher:
             self._saving = False
         ids = GENERATION_IDS
         if self.report.samples:  # trained on one format, generating with another (template-mismatch)
-            from .formats import generation_format_mismatch
 
             rows = [[i for i, c in zip(s["ids"], s["classes"]) if c != 3] for s in self.report.samples]
             am = kwargs.get("attention_mask")

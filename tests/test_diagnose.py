@@ -11,7 +11,8 @@ import torch
 
 import ckpt_fixtures as F
 from conftest import GSM8K
-from sftdoctor.checkpoint import check_generation_outputs, check_state_dict, scan_weights
+from sftdoctor.checkpoint import scan_weights
+from sftdoctor.outputs import check_generation_outputs, check_state_dict
 from sftdoctor.cli import main
 from sftdoctor.context import TokenizerInfo
 from sftdoctor.diagnose import diagnose

@@ -300,29 +300,34 @@ def test_a_fail_finding_during_training_stops_the_run(tmp_path):
 
 def test_train_findings_come_from_the_probes():
     """The step log's loss guard and the reload check measure; loss-nonfinite and weights-nonfinite
-    (the probes) judge, with the probes' evidence."""
+    (the probes) judge, with the probes' evidence, through the run's Session."""
     from sftdoctor.checkpoint import CheckpointRecord, state_dict_weights
+    from sftdoctor.probes import REGISTRY
+    from sftdoctor.session import Session
     from sftdoctor.train.checks import _judge
     from sftdoctor.train.steplog import loss_findings
 
-    assert loss_findings({"step": 5, "loss": 2.5, "supervised_tokens": 40}) == []
-    (f,) = loss_findings({"step": 5, "loss": float("nan"), "supervised_tokens": 0})
+    session = Session("train", REGISTRY, env={})
+    assert loss_findings({"step": 5, "loss": 2.5, "supervised_tokens": 40}, session) == []
+    (f,) = loss_findings({"step": 5, "loss": float("nan"), "supervised_tokens": 0}, session)
     assert f.id == "loss-nonfinite" and f.severity == "fail" and f.step == 5
     assert f.evidence["cause"] == "empty-row-division" and f.evidence["supervised_tokens"] == 0
-    (f,) = loss_findings({"step": 6, "loss": float("inf"), "supervised_tokens": 40})
+    assert session.report.get("loss-nonfinite") is f  # recorded in the run's report
+    (f,) = loss_findings({"step": 6, "loss": float("inf"), "supervised_tokens": 40}, Session("train", REGISTRY, env={}))
     assert f.evidence["value"] == float("inf") and f.evidence["source"] == "trainer log"
 
     w = torch.ones(4, 4)
     w[1, 2] = float("nan")
-    report = Report(command="train")
-    _judge(report, CheckpointRecord(weights=state_dict_weights({"a.weight": torch.ones(3), "b.weight": w})), None, {},
+    session = Session("train", REGISTRY, env={})
+    _judge(session, CheckpointRecord(weights=state_dict_weights({"a.weight": torch.ones(3), "b.weight": w})), None, {},
            "weights-nonfinite")
+    report = session.report
     f = report.get("weights-nonfinite")
     assert f.step is None and f.evidence["nonfinite_tensors"] == 1 and f.evidence["tensors"][0]["name"] == "b.weight"
     assert {c.id: c.status for c in report.checks} == {"weights-nonfinite": "fail"}
-    clean = Report(command="train")
+    clean = Session("train", REGISTRY, env={})
     _judge(clean, CheckpointRecord(weights=state_dict_weights({"a.weight": torch.ones(3)})), None, {}, "weights-nonfinite")
-    assert clean.findings == [] and {c.id: c.status for c in clean.checks} == {"weights-nonfinite": "pass"}
+    assert clean.report.findings == [] and {c.id: c.status for c in clean.report.checks} == {"weights-nonfinite": "pass"}
 
 
 @pytest.mark.parametrize("flags,finding,what,after", [

@@ -308,7 +308,7 @@ def test_diagnose_names_a_model_that_emits_the_pad_token_as_degenerate(tmp_path)
 
 
 def test_check_generation_outputs_severity_needs_a_named_cause():
-    from sftdoctor.checkpoint import check_generation_outputs
+    from sftdoctor.outputs import check_generation_outputs
     from sftdoctor.context import TokenizerInfo
 
     tok = TokenizerInfo.from_tokenizer(_tok("gpt2"))  # pad == eos == 50256

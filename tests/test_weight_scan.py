@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import sftdoctor.checkpoint as ck
-from sftdoctor.checkpoint import SafetensorsReader, _in_memory, max_magnitude_bits, scan_weights, tensor_stats
+from sftdoctor.checkpoint import SafetensorsReader, in_memory, max_magnitude_bits, scan_weights, tensor_stats
 from sftdoctor.errors import UserError
 
 FLOATS = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
@@ -24,7 +24,7 @@ def reference(t: torch.Tensor) -> tuple[int, int, float | None]:
 
 
 def scanned(t: torch.Tensor) -> tuple[int, int, float | None]:
-    s = tensor_stats(_in_memory("w", t))
+    s = tensor_stats(in_memory("w", t))
     return s["nan"], s["inf"], s["max_abs"]
 
 

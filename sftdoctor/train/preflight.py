@@ -8,14 +8,16 @@ runs preflight again to confirm.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from ..context import ProbeContext
-from ..engine import Probe, run_probes
+from ..api import inspect_batch
+from ..engine import Probe
 from ..errors import UserError
 from ..findings import CheckResult, Finding
-from ..probes import ALL, STEP, truncation_answer_lost
+from ..probes import ALL, REGISTRY, truncation_answer_lost
 from ..report import Report
+from ..session import Session
 from ..stepstats import StepRecord
 from .collate import IGNORE_INDEX
 from .pipeline import Pipeline, add_pad_token, build_pipeline, resize_embeddings, safe_dtype, tokenize
@@ -44,21 +46,18 @@ class Change:
 
 # ---- checks on the whole recipe/dataset (the batch probes see only a few rows) ----------------
 
-FP16_PROBES = [p for p in STEP if p.id == "precision-fp16-unsafe"]
-
-
-def recipe_findings(pipe: Pipeline, ignore: Iterable[str] = ()) -> tuple[list[Finding], list[CheckResult]]:
+def recipe_findings(pipe: Pipeline, session: Session) -> tuple[list[Finding], list[CheckResult]]:
     """What the recipe itself says is unsafe, under the spec's finding ids: measured here on the
     whole recipe/dataset, judged by the probes of those ids."""
     r, out, checks = pipe.recipe, [], []
     # the dtype training will run in, as a step record: precision-fp16-unsafe reads the autocast and checkpoint dtypes
     step = StepRecord(step=0, optimizer_step_index=0, full=False,
                       dtypes={"autocast": "float16" if pipe.dtype == "fp16" else None, "config": pipe.saved_dtype})
-    found, checks = run_probes(ProbeContext(step=step), FP16_PROBES, ignore=ignore)
+    found, checks = session.evaluate(ProbeContext(step=step), "step", only=("precision-fp16-unsafe",))
     for f in found:
         f.step = None  # before training: no step
     out += found
-    if "truncation-answer-lost" in ignore:
+    if "truncation-answer-lost" in session.ignore:
         return out, checks
     lost = 0
     if pipe.length_stats.get("truncated"):
@@ -94,9 +93,8 @@ def hints(pipe: Pipeline) -> dict[str, Any]:
 def run_preflight(pipe: Pipeline, *, global_batch: int, ignore: set[str] = frozenset(), batches: int = PREFLIGHT_BATCHES) -> Report:
     """Probes on the first `batches` micro-batches in training order and on one batch of mixed
     lengths (so padding is exercised), plus the recipe checks."""
-    from ..api import inspect_batch
-
-    report = Report(command="train")
+    session = Session("train", REGISTRY, ignore=ignore)
+    report = session.report
     shown_failure = False
     try:
         checked = pipe.first_batches(batches, global_batch, pipe.recipe.seed) + [pipe.mixed_length_batch()]
@@ -115,7 +113,7 @@ def run_preflight(pipe: Pipeline, *, global_batch: int, ignore: set[str] = froze
                             "return a dict with input_ids, attention_mask and labels tensors") from None
         for f in one.findings:
             f.step = None
-        report.merge(one)
+        session.merge(one)
         if k == 0 or (one.verdict == "fail" and not shown_failure):
             # the token view shows the first batch, or the first batch that failed
             shown_failure = one.verdict == "fail"
@@ -125,10 +123,9 @@ def run_preflight(pipe: Pipeline, *, global_batch: int, ignore: set[str] = froze
             for key in ("tokenizer", "model"):
                 if key in one.metrics:
                     report.metrics[key] = one.metrics[key]
-    own, checks = recipe_findings(pipe, ignore)
-    report.add(own)
-    report.record_checks(c for c in checks if c.status != "skipped")  # an ignored id records nothing, as before
-    return report
+    own, checks = recipe_findings(pipe, session)
+    session.record(own, [c for c in checks if c.status != "skipped"])  # an ignored id records nothing, as before
+    return session.finish()
 
 
 # ---- remedies ---------------------------------------------------------------------------------

@@ -18,10 +18,8 @@ from typing import Any
 import torch
 
 from ..context import ProbeContext
-from ..engine import run_probes
 from ..findings import Finding
-from ..probes import STEP
-from ..report import Report
+from ..session import Session
 from ..stepstats import StepRecord
 from .pipeline import rank, world_size
 
@@ -42,8 +40,9 @@ def step_logger_class():
     class StepLogger(TrainerCallback):
         """Writes steps.jsonl (rank 0), counts tokens, stops on a non-finite loss, saves each epoch."""
 
-        def __init__(self, path: Path, report: Report, progress: Any, flops_per_token: float, peak_flops: float | None, save_each_epoch: bool):
-            self.path, self.report, self.progress = path, report, progress
+        def __init__(self, path: Path, session: Session, progress: Any, flops_per_token: float, peak_flops: float | None,
+                     save_each_epoch: bool):
+            self.path, self.session, self.progress = path, session, progress
             self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
             self.save_each_epoch = save_each_epoch
             self.ids: list[int] = []
@@ -99,9 +98,7 @@ def step_logger_class():
             rec = {**self.pending, "loss": logs["loss"], "grad_norm": logs.get("grad_norm"), "lr": logs.get("learning_rate")}
             del self.pending
             self.records.append(rec)
-            found = loss_findings(rec)
-            if found:
-                self.report.add(found)
+            if loss_findings(rec, self.session):
                 control.should_training_stop = True
             if is_main():
                 with open(self.path, "a", encoding="utf-8") as f:  # an append-only log, one line per step
@@ -123,17 +120,16 @@ def step_logger_class():
     return StepLogger
 
 
-LOSS_PROBES = [p for p in STEP if p.id == "loss-nonfinite"]
-
-
-def loss_findings(rec: dict[str, Any]) -> list[Finding]:
+def loss_findings(rec: dict[str, Any], session: Session) -> list[Finding]:
     """The loss-nonfinite probe on one logged optimizer step of steps.jsonl (its loss, as the
-    Trainer logged it, and the supervised tokens of the step). Cheap: math on one number."""
+    Trainer logged it, and the supervised tokens of the step), recorded in the session's report.
+    Cheap: math on one number."""
     if math.isfinite(float(rec["loss"])):
         return []  # the common case: no probe context to build
     step = StepRecord(step=rec["step"], optimizer_step_index=rec["step"], full=False, loss=float(rec["loss"]),
                       loss_source="trainer log", supervised_tokens=rec.get("supervised_tokens"))
-    found, _ = run_probes(ProbeContext(step=step, step_index=rec["step"]), LOSS_PROBES)
+    found, checks = session.evaluate(ProbeContext(step=step, step_index=rec["step"]), "step", only=("loss-nonfinite",))
+    session.record(found, checks)
     return found
 
 

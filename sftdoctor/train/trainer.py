@@ -9,14 +9,18 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..attach import attach
 from ..errors import UserError
 from ..findings import Finding
+from ..probes import REGISTRY
 from ..report import Report
+from ..session import Session
 from ..textsafe import terminal_safe
 from .collate import WithExampleIds
 from .pipeline import Pipeline, build_pipeline, stop_ids, world_size
@@ -129,14 +133,12 @@ def install_lean_loss(pipe: Pipeline):
 
 def lean_loss_info(lean: Any, mode: str, doctor: Any) -> dict[str, Any]:
     """What the lean loss did and which checks it turned off during training (report.metrics)."""
-    from sftdoctor.probes import STEP
-
     from .lean import liger_available
 
     if lean is None:
         return {"mode": "off"}
     device = next(lean.model.parameters()).device
-    logit_checks = sorted({i for p in STEP if {"forward_stats", "logits_grad"} & set(p.needs) for i in p.ids})
+    logit_checks = sorted({i for p in REGISTRY.at("step") if {"forward_stats", "logits_grad"} & set(p.needs) for i in p.ids})
     info: dict[str, Any] = {"mode": mode, "backend": "liger" if lean.backend == "liger" or (lean.backend == "auto" and liger_available(device)) else "torch",
                             "lean_steps": lean.lean_steps, "full_logits_steps": lean.full_steps}
     if mode == "always" or doctor is None:
@@ -190,8 +192,6 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
     preflight refused the run or a probe stopped it. dry_run: stop after preflight (and --fix)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from ..api import environment
-
     main = is_main()
     quiet_libraries()
     err = console()
@@ -202,12 +202,13 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=err, transient=True) if (main and show_progress and err.is_terminal) else None
 
-    report = Report(command="train", environment=environment())
+    session = Session("train", REGISTRY, ignore=ignore)
+    report = session.report
     report.metrics["recipe"] = recipe.to_dict()
     report.environment["threads"] = threads
     report.environment["world_size"] = world_size()
 
-    with (progress if progress is not None else _Null()):
+    with (progress if progress is not None else nullcontext()):
         pipe = build_pipeline(recipe, progress=progress)
     say(f"data: {pipe.source}: {len(pipe.train_examples)} training rows, {len(pipe.eval_rows)} held out")
     say(f"model: {recipe.model} ({sum(p.numel() for p in pipe.model.parameters()) / 1e6:.2f}M parameters); dtype {pipe.dtype} ({pipe.dtype_reason})")
@@ -216,7 +217,7 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
 
     # ---- preflight ------------------------------------------------------------------------
     pipe, pre, preflight_info = preflight_stage(pipe, fix=fix, ignore=ignore, say=say)
-    report.merge(pre)
+    session.merge(pre)
     report.samples = pre.samples
     report.metrics.update(pre.metrics)
     report.metrics["preflight"] = preflight_info
@@ -224,25 +225,25 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
     if pre.verdict == "fail":
         report.run = {"status": "refused", "stage": "preflight", "exit_code": 1,
                       "message": "preflight found failures; nothing was trained" + ("" if fix else " (--fix repairs what it can)")}
-        _write_report(report, out, report_name)
-        return report, out
+        _write_report(session, out, report_name)
+        return session.finish(), out
     report.metrics["data"] = {"source": pipe.source, "train_rows": len(pipe.train_examples), "eval_rows": len(pipe.eval_rows),
                               **pipe.length_stats, "notes": pipe.notes}
     recipe = pipe.recipe
     if dry_run:
         report.run = {"status": "dry-run", "stage": "preflight", "exit_code": 1 if report.verdict == "fail" else 0,
                       "message": "preflight passed; --dry-run stops before training"}
-        _write_report(report, out, report_name)
-        return report, out
+        _write_report(session, out, report_name)
+        return session.finish(), out
 
     # ---- training -------------------------------------------------------------------------
     StepLogger = step_logger_class()
-    logger = StepLogger(out / STEPS_FILE, report, progress, flops_per_token(pipe.model), peak_flops(), bool(recipe.save_every))
+    logger = StepLogger(out / STEPS_FILE, session, progress, flops_per_token(pipe.model), peak_flops(), bool(recipe.save_every))
     trainer = make_trainer(pipe, out, on_step=logger)
-    doctor = attach_probes(trainer, pipe.tokenizer, report, ignore)
+    doctor = attach_probes(trainer, pipe.tokenizer, session)
     if trainer.lean is not None and recipe.lean_loss == "sampled" and doctor is not None:
         # the probes' forward pre-hook has decided whether this step is sampled before the forward runs
-        trainer.lean.want_logits = lambda: getattr(getattr(doctor, "_pending", None), "full", False)
+        trainer.lean.want_logits = lambda: doctor.observer.observing_fully
     resume_from = None
     if resume:
         from .rundir import checkpoint_step, newest_complete_checkpoint, trim_steps_log
@@ -261,7 +262,7 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
     if main and resume_from is None and (out / STEPS_FILE).exists():
         (out / STEPS_FILE).unlink()
     started = time.time()
-    with (progress if progress is not None else _Null()):
+    with (progress if progress is not None else nullcontext()):
         try:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (cli.signals): the report is still written
@@ -269,14 +270,14 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
                           "message": f"{getattr(e, 'signal_name', 'SIGINT')} at step {trainer.state.global_step}; "
                                      "pass --resume to continue from the last checkpoint"}
             report.metrics["steps"] = [{k: rec.get(k) for k in ("step", "loss", "grad_norm", "lr")} for rec in _all_steps(out, logger)]
-            _write_report(report, out)
-            return report, out
+            _write_report(session, out)
+            return session.finish(), out
         finally:
             if trainer.lean is not None:
                 trainer.lean.enabled = False  # the model's own forward from here on (save, checks, evaluation)
     if doctor is not None:
         try:
-            report.merge(doctor.report())
+            session.merge(doctor.report())
             doctor.detach()
         except Exception as e:  # the attached probes must never take the run down
             report.run["probe_error"] = f"{type(e).__name__}: {e}"
@@ -291,15 +292,15 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
         report.run = {**report.run, "status": "stopped", "stage": "training", "exit_code": 1,
                       "message": "a probe found a failure during training; training stopped"}
         if main:
-            _write_report(report, out)
-        return report, out
+            _write_report(session, out)
+        return session.finish(), out
 
     # ---- save, reload, check, evaluate (rank 0) --------------------------------------------
     final = out / "final"
     _configure_generation(pipe)
     trainer.save_model(str(final))
     if not main:
-        return report, out
+        return session.finish(), out
     pipe.tokenizer.save_pretrained(str(final))
     from .. import trainmeta  # what diagnose needs: prompt format, questions, end tokens, training evidence
 
@@ -307,12 +308,12 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
     say(f"saved: {final}")
     from .checks import check_saved
 
-    model = check_saved(final, report, pipe, say)
+    model = check_saved(final, session, pipe, say)
     if model is not None and pipe.eval_rows:
         from .evaluate import evaluate
 
         budget = recipe.max_new_tokens or max(32, int(1.5 * max(len(ex["input_ids"]) - ex["prompt_length"] for ex in pipe.train_examples)))
-        with (progress if progress is not None else _Null()):
+        with (progress if progress is not None else nullcontext()):
             report.metrics["eval"] = evaluate(model, pipe.tokenizer, pipe.eval_rows, prompt_format=recipe.prompt_format,
                                               stop=stop_ids(pipe.tokenizer, recipe.prompt_format), max_new_tokens=budget,
                                               batch_size=recipe.eval_batch_size, progress=progress)
@@ -326,8 +327,8 @@ def run(recipe: Recipe, *, fix: bool = False, resume: bool = False, overwrite: b
     else:
         say(f"train: no step left to run ({t['steps']} steps were done before)")
     report.run = {**report.run, "status": "completed", "exit_code": 1 if report.verdict == "fail" else 0, "output_dir": str(out), "final_model": str(final)}
-    _write_report(report, out)
-    return report, out
+    _write_report(session, out)
+    return session.finish(), out
 
 
 def preflight_stage(pipe: Pipeline, *, fix: bool, ignore: set[str], say) -> tuple[Pipeline, Report, dict[str, Any]]:
@@ -376,29 +377,26 @@ def _configure_generation(pipe: Pipeline) -> None:
     pipe.model.config.eos_token_id = pipe.tokenizer.eos_token_id
 
 
-def attach_probes(trainer: Any, tokenizer: Any, report: Report, ignore: set[str]):
-    """Keep the step/run probes attached during training (sftdoctor.attach, when present);
-    a fail finding stops training with the report."""
-    try:
-        from ..attach import attach
-    except ImportError:
-        return None
+def attach_probes(trainer: Any, tokenizer: Any, session: Session):
+    """Keep the step/run probes attached during training; a fail finding stops training with the report."""
 
     def on_finding(finding: Finding) -> None:
         if finding.severity == "fail":
-            report.add([finding])
+            session.record([finding], [])  # kept even when training ends before the Doctor's report is merged
             trainer.control.should_training_stop = True
 
     try:
-        return attach(trainer, tokenizer, on_finding=on_finding, ignore=ignore)
-    except Exception as e:  # an unfinished probe module must not stop a healthy run
-        report.run["probe_error"] = f"attach: {type(e).__name__}: {e}"
+        return attach(trainer, tokenizer, on_finding=on_finding, ignore=session.ignore, command="train",
+                      registry=session.registry)
+    except Exception as e:  # our bug: said in the report (an internal error), never a lost run
+        session.report.run["probe_error"] = f"attach: {type(e).__name__}: {e}"
         return None
 
 
-def _write_report(report: Report, out: Path, name: str = REPORT_FILE) -> None:
+def _write_report(session: Session, out: Path, name: str = REPORT_FILE) -> None:
     """report.run["report_file"] says where it went: a full disk or a read-only folder gets a
     fallback copy in the temporary folder (report.run["report_write_error"] says why)."""
+    report = session.finish()  # the root causes ranked on what the run has seen so far
     if is_main():
         report.run["report_file"] = str(out / name)
         try:
@@ -423,10 +421,3 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
