@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .context import Batch, Hints, ModelInfo, ProbeContext, TokenizerInfo
+from .engine import Registry
 from .probes import REGISTRY
 from .report import Report
 from .session import Session, batch_metrics, token_samples
@@ -27,16 +28,17 @@ def make_context(batch: Any, tokenizer: Any = None, model: Any = None, *, hints:
 
 def inspect_batch(batch: Any, tokenizer: Any = None, model: Any = None, *, hints: Mapping[str, Any] | Hints | None = None,
                   ignore: set[str] | frozenset[str] = frozenset(), command: str = "inspect-batch",
-                  why_missing: Mapping[str, str] | None = None) -> Report:
+                  why_missing: Mapping[str, str] | None = None, registry: Registry = REGISTRY) -> Report:
     """Run every batch-level probe on one collated batch and return the Report.
 
     batch: the dict a collator returns (input_ids, attention_mask, labels with -100, or a
     loss_mask; optional position_ids). tokenizer: an HF tokenizer. model: an HF model or config
     (optional: enables the embedding-size check and, for a model, the step probes).
     hints: recipe facts (sftdoctor.context.Hints fields, e.g. {"max_length": 512}).
+    registry: the probes to run (default: all of sftdoctor.probes).
     """
     ctx = make_context(batch, tokenizer, model, hints=hints, why_missing=why_missing)
-    session = Session(command, REGISTRY, ignore=ignore)
+    session = Session(command, registry, ignore=ignore)
     report = session.report
     if ctx.batch.input_ids.numel() == 0:
         # nothing to look at: every check is skipped and the verdict is inconclusive, never a pass

@@ -166,7 +166,7 @@ def test_shared_patch_is_reference_counted_and_idempotent():
     opt = torch.optim.SGD([x], lr=0.1)
     opt.step()
     for u in (a, b):
-        assert u.events == ["_before_backward", "_after_backward", "_on_optimizer_pre", "_on_optimizer_post"]
+        assert u.events == ["before_backward", "after_backward", "optimizer_step_begin", "optimizer_step_end"]
     STEP.release(a)
     assert same(all_states(), installed)  # b still holds it
     STEP.release(a)  # releasing twice: nothing

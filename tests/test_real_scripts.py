@@ -248,19 +248,14 @@ def test_a_probe_that_raises_is_shown_with_what_it_affects(monkeypatch, tmp_path
     def boom(ctx):
         raise IndexError("index 32000 is out of bounds for dimension 0 with size 32000")
 
-    monkeypatch.setattr(probe, "check", boom, raising=False) if False else None
     import dataclasses
 
-    import sftdoctor.probes as probes_mod
+    from sftdoctor.engine import Registry
+    from sftdoctor.probes import REGISTRY
 
-    broken = dataclasses.replace(probe, check=boom)
-    monkeypatch.setattr(probes_mod, "BATCH", [broken if p is probe else p for p in BATCH])
-    import sftdoctor.api as api_mod
-
-    if hasattr(api_mod, "BATCH"):
-        monkeypatch.setattr(api_mod, "BATCH", probes_mod.BATCH)
+    broken = Registry(tuple(dataclasses.replace(p, check=boom) if p is probe else p for p in REGISTRY.probes))
     tok = small_tok()
-    r = inspect_batch(batch(tok), tok)
+    r = inspect_batch(batch(tok), tok, registry=broken)
     errs = internal.collect(r)
     assert any(e["affects"] == ["pad-token-missing"] and "IndexError" in e["error"] for e in errs), errs
     text = render(r)

@@ -392,9 +392,11 @@ def test_console_and_html_wording():
     from rich.console import Console
 
     from sftdoctor.findings import CheckResult, Finding
+    from sftdoctor.probes import REGISTRY
     from sftdoctor.report import Report
     from sftdoctor.reports.console import render
     from sftdoctor.reports.html import build_context, render_html
+    from sftdoctor.session import Session
 
     r = Report(command="watch")
     r.record_checks([CheckResult("loss-nonfinite", "pass", level="step")])
@@ -410,6 +412,7 @@ def test_console_and_html_wording():
                          "finite": False, "phase": "forward", "step": 1}],
         "fp16_forecast": {"safe": True, "overflow": [], "headroom": []},
     })
+    Session.reopen(r, REGISTRY).finish()  # what every run ends with: the root causes ranked
     con = Console(record=True, width=160)
     render(r, con)
     text = con.export_text()
