@@ -87,7 +87,7 @@ def _degenerate(rec, tok, training=None) -> list[Finding]:
 
 def check(ctx) -> list[Finding]:
     rec, tok = ctx.checkpoint, ctx.tokenizer
-    found = _degenerate(rec, tok, ctx.hints.get("training"))
+    found = _degenerate(rec, tok, ctx.hints.training)
     if not found:
         return []
     f = found[0]

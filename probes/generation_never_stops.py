@@ -67,7 +67,7 @@ def judge(g: GenerationStats | None, training: Mapping[str, Any] | None = None) 
 
 def check(ctx) -> list[Finding]:
     rec, tok = ctx.checkpoint, ctx.tokenizer
-    training = ctx.hints.get("training")
+    training = ctx.hints.training
     found = judge(measure_generations([g["prompt_ids"] for g in rec.generations], [g["output_ids"] for g in rec.generations],
                                       tok, max_new_tokens=rec.max_new_tokens, logits_nonfinite=rec.logits_nonfinite),
                   training)

@@ -32,7 +32,7 @@ def check(ctx) -> list[Finding]:
                       "common_targets": t.get("common_targets", []), "pad_target_share": t["match"].get("pad")},
             fix="mask padding out of the loss: labels -100 where attention_mask == 0 (or weight 0 in your own loss)",
         ))
-    if by.get("prompt") and not ctx.hints.get("prompt_supervised_on_purpose"):
+    if by.get("prompt") and not ctx.hints.prompt_supervised_on_purpose:
         out.append(Finding(
             id=id, severity="warn", level=level,
             message=f"{by['prompt']} positions that the labels mark as ignored (prompt) still get gradient",

@@ -1,7 +1,7 @@
 """Training rows must be what the tokenizer's chat template (the inference format) produces for
 the same example; otherwise the fine-tune learns a format that inference never shows it.
 
-Needs hints["examples"]: the raw example of each row, {"messages": [...]} or
+Needs hints.examples: the raw example of each row, {"messages": [...]} or
 {"prompt": str, "response": str}. Without a chat template a prompt/response example is expected
 as tokenizer(prompt + response) with the tokenizer's own special tokens."""
 from __future__ import annotations
@@ -59,7 +59,7 @@ dataset = DatasetRule(count="rows_mismatched", what="differ from the chat templa
 
 def check(ctx) -> list[Finding]:
     tok, b = ctx.tokenizer, ctx.batch
-    examples = list(ctx.hints.get("examples") or [])
+    examples = list(ctx.hints.examples or [])
     real = real_mask(ctx)
     compared, mismatched, first = 0, [], None
     for r in range(min(len(examples), b.input_ids.shape[0], MAX_ROWS)):
