@@ -6,12 +6,11 @@ is found by position in sftdoctor.tokens (the PAD token class).
 """
 from __future__ import annotations
 
-from typing import Iterable
-
+import numpy as np
 import torch
 
 from sftdoctor.context import IGNORE_INDEX
-from sftdoctor.tokens import TokenClass
+from sftdoctor.tokens import TokenClass, id_mask  # noqa: F401 (id_mask: re-exported for the probes)
 
 MAX_LISTED = 32  # rows / positions listed in evidence; counts always cover everything
 
@@ -25,21 +24,31 @@ def real_mask(ctx) -> torch.Tensor:
     return m
 
 
+def labeled_mask(ctx) -> torch.Tensor:
+    """[B, T] bool: positions whose label is not IGNORE_INDEX, padding included (shared like
+    real_mask: never modify it in place). Needs labels."""
+    m = ctx.__dict__.get("_labeled_mask")
+    if m is None:
+        m = ctx.__dict__["_labeled_mask"] = ctx.batch.labels != IGNORE_INDEX
+    return m
+
+
 def supervised_mask(ctx) -> torch.Tensor:
     """[B, T] bool: real (non-pad) positions whose label carries loss (shared like real_mask:
     never modify it in place)."""
     m = ctx.__dict__.get("_supervised_mask")
     if m is None:
-        m = ctx.__dict__["_supervised_mask"] = (ctx.batch.labels != IGNORE_INDEX) & real_mask(ctx)
+        m = ctx.__dict__["_supervised_mask"] = labeled_mask(ctx) & real_mask(ctx)
     return m
 
 
-def id_mask(ids: torch.Tensor, wanted: Iterable[int]) -> torch.Tensor:
-    """[B, T] bool: positions whose id is one of `wanted`."""
-    wanted = sorted({int(i) for i in wanted})
-    if not wanted:
-        return torch.zeros(ids.shape, dtype=torch.bool)
-    return torch.isin(ids, torch.tensor(wanted, dtype=ids.dtype))
+def eos_mask(ctx) -> torch.Tensor:
+    """[B, T] bool: positions holding one of the tokenizer's eos ids, padding included (shared like
+    real_mask: never modify it in place). Needs a tokenizer."""
+    m = ctx.__dict__.get("_eos_mask")
+    if m is None:
+        m = ctx.__dict__["_eos_mask"] = id_mask(ctx.batch.input_ids, ctx.tokenizer.eos_ids)
+    return m
 
 
 def first_index(mask: torch.Tensor) -> torch.Tensor:
@@ -69,20 +78,24 @@ def token_ref(tok, token_id: int | None) -> dict:
 
 
 def find_sequence(ids: torch.Tensor, pattern: list[int]) -> torch.Tensor:
-    """[B, T] bool: True at each position where `pattern` starts (vectorised with unfold)."""
+    """[B, T] bool: True at each position where `pattern` starts (one compare per pattern token on
+    numpy views of the batch: no [B, T, L] window tensor)."""
     B, T = ids.shape
     L = len(pattern)
-    out = torch.zeros(B, T, dtype=torch.bool)
     if L == 0 or L > T:
-        return out
+        return torch.zeros(B, T, dtype=torch.bool)
+    if ids.device.type != "cpu":
+        ids = ids.cpu()
+    a = ids.numpy()
     n = T - L + 1
-    hit = ids[:, :n] == pattern[0]
-    for j in range(1, L):  # one compare per pattern token (L is a few tokens), no [B, T, L] window tensor
-        if not bool(hit.any()):
+    out = np.zeros((B, T), dtype=bool)
+    hit = out[:, :n]
+    np.equal(a[:, :n], pattern[0], out=hit)
+    for j in range(1, L):  # L is a few tokens
+        if not hit.any():
             break
-        hit &= ids[:, j:j + n] == pattern[j]
-    out[:, :n] = hit
-    return out
+        hit &= a[:, j:j + n] == pattern[j]
+    return torch.from_numpy(out)
 
 
 def turn_end_ids(tok) -> set[int]:
@@ -121,6 +134,19 @@ def document_starts(ctx) -> torch.Tensor:
     real = real_mask(ctx)
     starts = torch.zeros(B, T, dtype=torch.bool)
     if tok is None or T < 2:
+        return starts
+    # Screen (exact): every kind of start below is a real position after the row's first real token
+    # that holds a BOS, or follows a real eos-id token by one or two positions (turn ends and
+    # document ends are both eos ids). Without such a position there is no start: skip the rest.
+    r = real.numpy()
+    e = eos_mask(ctx).numpy() & r
+    cand = np.zeros((B, T), dtype=bool)
+    cand[:, 1:] = e[:, :-1]
+    cand[:, 2:] |= e[:, :-2]
+    if tok.bos_id is not None and tok.bos_id not in tok.eos_ids:
+        cand[:, 1:] |= ids[:, 1:].numpy() == tok.bos_id
+    cand &= r
+    if not cand.any():
         return starts
     first_real = first_index(real)
     after_first = torch.arange(T).unsqueeze(0) > first_real.unsqueeze(1)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from sftdoctor.findings import Finding
 
-from ._common import find_sequence, first_index, real_mask, rows_of, supervised_mask
+from ._common import find_sequence, id_mask, real_mask, rows_of, supervised_mask
 
 id = "labels-prompt-supervised"
 level = "batch"
@@ -92,51 +93,56 @@ def markers(ctx) -> list[tuple[str, list[int]]]:
     return _MARKERS[key]
 
 
-def _prompt_region(ctx, real, first_real) -> tuple[torch.Tensor, str, str | None]:
-    """[B, T] bool prompt positions (after each row's first token), the method, the marker text."""
+def _prompt_region(ctx, real: np.ndarray, first_real: np.ndarray) -> tuple[np.ndarray, str, str | None]:
+    """[B, T] bool prompt positions (after each row's first token), the method, the marker text.
+    Arrays are numpy views of the batch's masks (one small numpy op costs a fraction of a torch op)."""
     B, T = real.shape
-    pos = torch.arange(T).unsqueeze(0)
+    pos = np.arange(T)[None, :]
     lengths = ctx.hints.get("prompt_lengths")
     if lengths is not None and len(lengths) == B:
-        end = first_real.clamp(min=0) + torch.as_tensor(list(lengths), dtype=torch.long)
-        return pos < end.unsqueeze(1), "prompt_lengths hint", None
+        end = np.maximum(first_real, 0) + torch.as_tensor(list(lengths), dtype=torch.long).numpy()
+        return pos < end[:, None], "prompt_lengths hint", None
     # the earliest marker occurrence per row ends its prompt (earliest: never counts answer text as prompt)
-    ends = torch.full((B,), -1, dtype=torch.long)
+    ends = np.full(B, -1, dtype=np.int64)
     found_text = None
     ids = ctx.batch.input_ids
     found = markers(ctx)
-    firsts = sorted({seq[0] for _, seq in found})
-    # one isin over the batch: markers whose first token never occurs cannot match (most of them)
-    present = set(ids[torch.isin(ids, torch.tensor(firsts, dtype=ids.dtype))].unique().tolist()) if firsts else set()
+    firsts = frozenset(seq[0] for _, seq in found)
+    # one lookup over the batch: markers whose first token never occurs cannot match (most of them)
+    present = set(np.unique(ids.numpy()[id_mask(ids, firsts).numpy()]).tolist()) if firsts else set()
     for text, seq in found:
         if seq[0] not in present:
             continue
-        start = first_index(find_sequence(ctx.batch.input_ids, seq) & real)
-        hit = start >= 0
+        at = find_sequence(ids, seq).numpy() & real
+        hit = at.any(axis=1)
+        start = np.where(hit, at.argmax(axis=1), -1)  # argmax: the first True
         better = hit & ((ends < 0) | (start + len(seq) < ends))
-        if bool(better.any()) and found_text is None:
+        if found_text is None and better.any():
             found_text = text
-        ends = torch.where(better, start + len(seq), ends)
-    return pos < ends.unsqueeze(1), "response marker", found_text
+        ends = np.where(better, start + len(seq), ends)
+    return pos < ends[:, None], "response marker", found_text
 
 
 def check(ctx) -> list[Finding]:
     b = ctx.batch
-    real = real_mask(ctx)
-    sup = supervised_mask(ctx)
-    first_real = first_index(real)
+    real = real_mask(ctx).numpy()
+    sup = supervised_mask(ctx).numpy()
     T = real.shape[1]
+    first_real = np.where(real.any(axis=1), real.argmax(axis=1), -1)
     # labels[first token] never carries loss under the HF shift: leave it out of every count
-    body = real & (torch.arange(T).unsqueeze(0) > first_real.unsqueeze(1))
-    has_sup = (sup & body).any(dim=1)
-    if not bool(has_sup.any()):
+    body = real & (np.arange(T)[None, :] > first_real[:, None])
+    sup_body = sup & body
+    has_sup = sup_body.any(axis=1)
+    if not has_sup.any():
         return []
     region, method, marker = _prompt_region(ctx, real, first_real)
     region &= body
-    prompt_sup = sup & region
-    n_prompt_sup, n_region = int(prompt_sup.sum()), int(region.sum())
-    n_sup = int((sup & body).sum())
-    fully_supervised = has_sup & ~(body & ~sup).any(dim=1)
+    prompt_sup_np = sup & region
+    n_prompt_sup, n_region = int(prompt_sup_np.sum()), int(region.sum())
+    n_sup = int(sup_body.sum())
+    fully_supervised = torch.from_numpy(has_sup & ~(body & ~sup).any(axis=1))
+    has_sup = torch.from_numpy(has_sup)
+    prompt_sup = torch.from_numpy(prompt_sup_np)
     evidence = {"method": method, "marker": marker}
     if n_region and n_prompt_sup >= 2 and n_prompt_sup / n_region >= MIN_SHARE:
         rows = prompt_sup.any(dim=1)

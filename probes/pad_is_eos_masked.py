@@ -6,7 +6,7 @@ from sftdoctor.context import IGNORE_INDEX
 from sftdoctor.findings import Finding
 from sftdoctor.tokens import TokenClass
 
-from ._common import id_mask, rows_of, token_ref
+from ._common import eos_mask, labeled_mask, rows_of, token_ref
 
 id = "pad-is-eos-masked"
 level = "batch"
@@ -19,12 +19,13 @@ def masked_real_eos(ctx):
     whose label is -100 while the token before them is supervised: the answer's own EOS, masked."""
     b, tok = ctx.batch, ctx.tokenizer
     eos_here = (ctx.token_classes == int(TokenClass.EOS)) & (b.input_ids == tok.pad_id)
-    unsupervised = b.labels == IGNORE_INDEX
-    prev_supervised = (b.labels != IGNORE_INDEX).roll(1, dims=1)
+    labeled = labeled_mask(ctx)
+    unsupervised = ~labeled
+    prev_supervised = labeled.roll(1, dims=1)
     prev_supervised[:, 0] = False
     # the answer already ended with a supervised end token (e.g. <|im_end|>, pad <|endoftext|> after it):
     # the pad id that follows is padding, not the answer's EOS
-    prev_end = id_mask(b.input_ids, tok.eos_ids).roll(1, dims=1)
+    prev_end = eos_mask(ctx).roll(1, dims=1)
     prev_end[:, 0] = False
     prev_supervised &= ~prev_end
     return eos_here & unsupervised & prev_supervised, eos_here & prev_supervised

@@ -2,11 +2,12 @@
 no `#### N` line to learn the final answer format."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sftdoctor.findings import Finding
 
-from ._common import id_mask, length_limit, rows_at_limit, rows_of, supervised_mask
+from ._common import eos_mask, find_sequence, length_limit, rows_at_limit, rows_of, supervised_mask
 from ._dataset import DatasetRule, by_rate
 
 id = "truncation-answer-lost"
@@ -40,13 +41,51 @@ def _supervised_texts(ctx, sup) -> list[str] | None:
     return [tok.decode(ids[r][sup[r]].tolist()) if bool(sup[r].any()) else "" for r in range(ids.shape[0])]
 
 
+def _marker_tokens(tok, marker: str) -> list[list[int]]:
+    """Token sequences of the marker (alone, after a space, after a newline) whose decoded text holds
+    the marker, also twice when repeated (decoding concatenates them), once per tokenizer."""
+    cache = tok.__dict__.setdefault("_answer_marker_tokens", {})
+    if marker not in cache:
+        seqs = []
+        try:
+            nl = tok.encode("\n")
+            for text in (marker, " " + marker, "\n" + marker):
+                seq = list(tok.encode(text))
+                if text.startswith("\n") and seq[:len(nl)] == nl:
+                    seq = seq[len(nl):]
+                if seq and seq not in seqs and marker in tok.decode(seq) and tok.decode(seq + seq).count(marker) >= 2:
+                    seqs.append(seq)
+        except Exception:
+            seqs = []
+        cache[marker] = seqs
+    return cache[marker]
+
+
+def _marker_rows(ctx, sup: torch.Tensor, marker: str) -> list[bool]:
+    """Per row: the marker's tokens sit on consecutive supervised positions, so the decoded
+    supervised text surely holds the marker (a False proves nothing: the caller decodes)."""
+    tok, ids = ctx.tokenizer, ctx.batch.input_ids
+    B, T = ids.shape
+    s = sup.numpy()
+    shown = np.zeros(B, dtype=bool)
+    for seq in _marker_tokens(tok, marker) if tok.encode is not None else []:
+        L = len(seq)
+        if L > T:
+            continue
+        at = find_sequence(ids, seq).numpy()[:, :T - L + 1]
+        for j in range(L):
+            at = at & s[:, j:j + T - L + 1]
+        shown |= at.any(axis=1)
+    return shown.tolist()
+
+
 def check(ctx) -> list[Finding]:
     b, tok = ctx.batch, ctx.tokenizer
     at_limit = rows_at_limit(ctx)
     if not bool(at_limit.any()):
         return []
     sup = supervised_mask(ctx)
-    eos_missing = ~(sup & id_mask(b.input_ids, tok.eos_ids)).any(dim=1) if tok.eos_ids else None
+    eos_missing = ~(sup & eos_mask(ctx)).any(dim=1) if tok.eos_ids else None
     marker = ctx.hints.get("answer_marker") or ANSWER_MARKER
     marker_missing = None
     if tok.decode is not None:
@@ -54,8 +93,9 @@ def check(ctx) -> list[Finding]:
         # answer line, no row lost anything; decoding only those rows saves decoding the batch.
         candidates = (at_limit & sup.any(dim=1)).nonzero().flatten().tolist()
         ids = b.input_ids
-        if all((eos_missing is None or not bool(eos_missing[r])) and marker in tok.decode(ids[r][sup[r]].tolist())
-               for r in candidates):
+        shown = _marker_rows(ctx, sup, marker)
+        if all((eos_missing is None or not bool(eos_missing[r]))
+               and (shown[r] or marker in tok.decode(ids[r][sup[r]].tolist())) for r in candidates):
             return []
     texts = _supervised_texts(ctx, sup)
     if texts is not None and any(marker in t for t in texts):  # the data has a final-answer line
