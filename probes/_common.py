@@ -51,6 +51,29 @@ def eos_mask(ctx) -> torch.Tensor:
     return m
 
 
+class BatchArrays:
+    """Numpy views of one batch and of the shared masks, for the probes' quick "nothing to report"
+    screens: a small numpy op costs a fraction of the same torch op on [B, T] batches, and the views
+    share memory with the tensors (no copy). Read-only, like the masks they view."""
+
+    def __init__(self, ctx) -> None:
+        b = ctx.batch
+        self.ids = b.input_ids.numpy()
+        self.real = real_mask(ctx).numpy()
+        self.labels = b.labels.numpy() if b.labels is not None else None
+        self.labeled = labeled_mask(ctx).numpy() if b.labels is not None else None
+        self.sup = supervised_mask(ctx).numpy() if b.labels is not None else None
+        self.am = b.attention_mask.numpy() if b.attention_mask is not None else None
+
+
+def arrays(ctx) -> BatchArrays:
+    """The batch's BatchArrays, built once per context."""
+    a = ctx.__dict__.get("_arrays")
+    if a is None:
+        a = ctx.__dict__["_arrays"] = BatchArrays(ctx)
+    return a
+
+
 def first_index(mask: torch.Tensor) -> torch.Tensor:
     """[B] index of the first True per row, -1 where a row has none."""
     if mask.shape[1] == 0:

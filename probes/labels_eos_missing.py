@@ -8,7 +8,7 @@ from sftdoctor.context import IGNORE_INDEX
 from sftdoctor.findings import Finding
 
 from ._dataset import DatasetRule, by_rate
-from ._common import eos_mask, last_index, length_limit, real_mask, rows_at_limit, rows_of, supervised_mask, token_ref
+from ._common import arrays, eos_mask, last_index, length_limit, real_mask, rows_at_limit, rows_of, supervised_mask, token_ref
 
 id = "labels-eos-missing"
 level = "batch"
@@ -24,6 +24,9 @@ def check(ctx) -> list[Finding]:
     b, tok = ctx.batch, ctx.tokenizer
     if not tok.eos_ids:
         return []
+    a = arrays(ctx)
+    if not (a.sup.any(axis=1) & ~(a.sup & eos_mask(ctx).numpy()).any(axis=1)).any():
+        return []  # every supervised row has a supervised EOS (sup is real positions only)
     sup = supervised_mask(ctx)
     has_sup = sup.any(dim=1)
     eos = eos_mask(ctx) & real_mask(ctx)

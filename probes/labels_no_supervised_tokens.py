@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sftdoctor.findings import Finding
 
-from ._common import labeled_mask, real_mask, rows_of
+from ._common import arrays, labeled_mask, real_mask, rows_of
 from ._dataset import DatasetRule
 
 id = "labels-no-supervised-tokens"
@@ -26,6 +26,8 @@ dataset = DatasetRule(
 
 
 def check(ctx) -> list[Finding]:
+    if arrays(ctx).labeled.any(axis=1).all():
+        return []  # every row has a label other than -100
     b = ctx.batch
     # Any label other than -100 carries loss (even on padding): that is what keeps the mean finite.
     per_row = labeled_mask(ctx).sum(dim=1)

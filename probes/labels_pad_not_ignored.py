@@ -7,7 +7,7 @@ from collections import Counter
 from sftdoctor.findings import Finding
 from sftdoctor.tokens import TokenClass
 
-from ._common import labeled_mask
+from ._common import arrays, labeled_mask
 from ._dataset import DatasetRule
 
 id = "labels-pad-not-ignored"
@@ -19,6 +19,9 @@ dataset = DatasetRule(what="supervise padding positions (label != -100 on pad)",
 
 
 def check(ctx) -> list[Finding]:
+    a = arrays(ctx)
+    if not (a.labeled & ~a.real).any():  # no padding position carries a label
+        return []
     b = ctx.batch
     pad = ctx.token_classes == int(TokenClass.PAD)
     supervised_pad = pad & labeled_mask(ctx)

@@ -6,7 +6,7 @@ from sftdoctor.context import IGNORE_INDEX
 from sftdoctor.findings import Finding
 from sftdoctor.tokens import TokenClass
 
-from ._common import eos_mask, labeled_mask, rows_of, token_ref
+from ._common import arrays, eos_mask, labeled_mask, rows_of, token_ref
 
 id = "pad-is-eos-masked"
 level = "batch"
@@ -34,6 +34,11 @@ def masked_real_eos(ctx):
 def check(ctx) -> list[Finding]:
     tok = ctx.tokenizer
     if not tok.pad_is_eos:
+        return []
+    a = arrays(ctx)
+    # quick screen, the same condition as masked_real_eos's first result, on numpy views
+    eos_here = (ctx.token_classes.numpy()[:, 1:] == int(TokenClass.EOS)) & (a.ids[:, 1:] == tok.pad_id)
+    if not (eos_here & ~a.labeled[:, 1:] & a.labeled[:, :-1] & ~eos_mask(ctx).numpy()[:, :-1]).any():
         return []
     masked, ends = masked_real_eos(ctx)
     n_masked, n_ends = int(masked.sum()), int(ends.sum())
