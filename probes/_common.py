@@ -20,7 +20,7 @@ def real_mask(ctx) -> torch.Tensor:
     probe: callers must never modify the returned mask in place."""
     m = ctx.__dict__.get("_real_mask")
     if m is None:
-        m = ctx.__dict__["_real_mask"] = ctx.token_classes != int(TokenClass.PAD)
+        m = ctx.__dict__["_real_mask"] = torch.from_numpy(ctx.token_classes.numpy() != int(TokenClass.PAD))
     return m
 
 
@@ -29,7 +29,7 @@ def labeled_mask(ctx) -> torch.Tensor:
     real_mask: never modify it in place). Needs labels."""
     m = ctx.__dict__.get("_labeled_mask")
     if m is None:
-        m = ctx.__dict__["_labeled_mask"] = ctx.batch.labels != IGNORE_INDEX
+        m = ctx.__dict__["_labeled_mask"] = torch.from_numpy(ctx.batch.labels.numpy() != IGNORE_INDEX)
     return m
 
 
@@ -38,7 +38,7 @@ def supervised_mask(ctx) -> torch.Tensor:
     never modify it in place)."""
     m = ctx.__dict__.get("_supervised_mask")
     if m is None:
-        m = ctx.__dict__["_supervised_mask"] = labeled_mask(ctx) & real_mask(ctx)
+        m = ctx.__dict__["_supervised_mask"] = torch.from_numpy(labeled_mask(ctx).numpy() & real_mask(ctx).numpy())
     return m
 
 
@@ -163,13 +163,9 @@ def document_starts(ctx) -> torch.Tensor:
     # document ends are both eos ids). Without such a position there is no start: skip the rest.
     r = real.numpy()
     e = eos_mask(ctx).numpy() & r
-    cand = np.zeros((B, T), dtype=bool)
-    cand[:, 1:] = e[:, :-1]
-    cand[:, 2:] |= e[:, :-2]
-    if tok.bos_id is not None and tok.bos_id not in tok.eos_ids:
-        cand[:, 1:] |= ids[:, 1:].numpy() == tok.bos_id
-    cand &= r
-    if not cand.any():
+    bos = tok.bos_id is not None and tok.bos_id not in tok.eos_ids
+    if not ((e[:, :-1] & r[:, 1:]).any() or (e[:, :-2] & r[:, 2:]).any()
+            or (bos and (ids[:, 1:].numpy() == tok.bos_id).any())):
         return starts
     first_real = first_index(real)
     after_first = torch.arange(T).unsqueeze(0) > first_real.unsqueeze(1)
@@ -218,16 +214,16 @@ def rows_at_limit(ctx) -> torch.Tensor:
     the whole width with no padding while other rows are padded (with dynamic padding the longest
     row also does, so this only marks candidates; callers also require a missing EOS/answer), or
     every row when none is padded (all cut to one length)."""
-    real = real_mask(ctx)
-    lengths = real.sum(dim=1)
+    real = real_mask(ctx).numpy()
+    lengths = real.sum(axis=1)
     limit = length_limit(ctx)
     if limit is not None:
-        return lengths >= limit
+        return torch.from_numpy(lengths >= limit)
     full = lengths == real.shape[1]
-    if bool(full.all()) and full.numel() >= 2:
+    if full.all() and full.size >= 2:
         # every row fills the width with no padding at all: every row was cut to the same length
         # (natural rows of one batch are never all equally long); callers also require a lost end
-        return full
-    if not bool(full.any()):
-        return torch.zeros_like(full)
-    return full
+        return torch.from_numpy(full)
+    if not full.any():
+        return torch.from_numpy(np.zeros_like(full))
+    return torch.from_numpy(full)

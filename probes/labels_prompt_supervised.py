@@ -15,7 +15,7 @@ import torch
 
 from sftdoctor.findings import Finding
 
-from ._common import find_sequence, id_mask, real_mask, rows_of, supervised_mask
+from ._common import id_mask, real_mask, rows_of, supervised_mask
 
 id = "labels-prompt-supervised"
 level = "batch"
@@ -89,7 +89,11 @@ def markers(ctx) -> list[tuple[str, list[int]]]:
         if header:
             texts.append(header)
         texts.extend(TEXT_MARKERS)
-        _MARKERS[key] = [(t, seq) for t in texts for seq in _encodings(tok, t)]
+        # one entry per token sequence, the first text that gives it: a later copy can never end a
+        # prompt earlier than the first (same start, same end), so it changes neither ends nor the text
+        seen: set[tuple[int, ...]] = set()
+        _MARKERS[key] = [(t, seq) for t in texts for seq in _encodings(tok, t)
+                         if tuple(seq) not in seen and not seen.add(tuple(seq))]
     return _MARKERS[key]
 
 
@@ -107,15 +111,29 @@ def _prompt_region(ctx, real: np.ndarray, first_real: np.ndarray) -> tuple[np.nd
     found_text = None
     ids = ctx.batch.input_ids
     found = markers(ctx)
+    if not found:
+        return pos < ends[:, None], "response marker", None
     firsts = frozenset(seq[0] for _, seq in found)
-    # one lookup over the batch: markers whose first token never occurs cannot match (most of them)
-    present = set(np.unique(ids.numpy()[id_mask(ids, firsts).numpy()]).tolist()) if firsts else set()
+    # one lookup over the batch: the positions holding some marker's first token (a few per row);
+    # each marker is then matched at those positions only
+    a = ids.numpy()
+    rr, cc = np.nonzero(id_mask(ids, firsts).numpy())  # row-major: each row's positions in order
+    heads = a[rr, cc]
+    present = set(heads.tolist())
     for text, seq in found:
         if seq[0] not in present:
             continue
-        at = find_sequence(ids, seq).numpy() & real
-        hit = at.any(axis=1)
-        start = np.where(hit, at.argmax(axis=1), -1)  # argmax: the first True
+        L = len(seq)
+        keep = (heads == seq[0]) & (cc + L <= T) & real[rr, cc]
+        for j in range(1, L):
+            keep &= a[rr, np.minimum(cc + j, T - 1)] == seq[j]
+        if not keep.any():
+            continue
+        r_, c_ = rr[keep], cc[keep]
+        first = np.r_[True, r_[1:] != r_[:-1]]  # the earliest match of each row
+        start = np.full(B, -1, dtype=np.int64)
+        start[r_[first]] = c_[first]
+        hit = start >= 0
         better = hit & ((ends < 0) | (start + len(seq) < ends))
         if found_text is None and better.any():
             found_text = text

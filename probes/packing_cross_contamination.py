@@ -22,6 +22,8 @@ def check(ctx) -> list[Finding]:
     if varlen:
         return []  # the attention is told where documents end
     starts = document_starts(ctx)
+    if not bool(starts.any()):
+        return []  # one document per row
     if b.position_ids is not None:
         # a start the position ids mark (restart at 0) is isolated by varlen-aware attention
         starts &= b.position_ids != 0

@@ -7,7 +7,7 @@ import torch
 
 from sftdoctor.findings import Finding
 
-from ._common import eos_mask, find_sequence, length_limit, rows_at_limit, rows_of, supervised_mask
+from ._common import arrays, eos_mask, length_limit, rows_at_limit, rows_of, supervised_mask
 from ._dataset import DatasetRule, by_rate
 
 id = "truncation-answer-lost"
@@ -61,42 +61,43 @@ def _marker_tokens(tok, marker: str) -> list[list[int]]:
     return cache[marker]
 
 
-def _marker_rows(ctx, sup: torch.Tensor, marker: str) -> list[bool]:
-    """Per row: the marker's tokens sit on consecutive supervised positions, so the decoded
-    supervised text surely holds the marker (a False proves nothing: the caller decodes)."""
-    tok, ids = ctx.tokenizer, ctx.batch.input_ids
-    B, T = ids.shape
-    s = sup.numpy()
-    shown = np.zeros(B, dtype=bool)
-    for seq in _marker_tokens(tok, marker) if tok.encode is not None else []:
-        L = len(seq)
-        if L > T:
+def _marker_shown(ids: np.ndarray, sup: np.ndarray, seqs: list[list[int]]) -> bool:
+    """One row (numpy views): a marker token sequence sits on consecutive supervised positions, so
+    the decoded supervised text surely holds the marker (False proves nothing: the caller decodes)."""
+    T = len(ids)
+    for seq in seqs:
+        n = T - len(seq) + 1
+        if n <= 0:
             continue
-        at = find_sequence(ids, seq).numpy()[:, :T - L + 1]
-        for j in range(L):
-            at = at & s[:, j:j + T - L + 1]
-        shown |= at.any(axis=1)
-    return shown.tolist()
+        at = (ids[:n] == seq[0]) & sup[:n]
+        for j in range(1, len(seq)):
+            at &= (ids[j:j + n] == seq[j]) & sup[j:j + n]
+        if at.any():
+            return True
+    return False
 
 
 def check(ctx) -> list[Finding]:
     b, tok = ctx.batch, ctx.tokenizer
+    marker = ctx.hints.get("answer_marker") or ANSWER_MARKER
+    if tok.decode is not None:
+        # Fast exit (same result as below): when every supervised row at the limit still has its
+        # EOS and its answer line, no row lost anything; only those rows are looked at (numpy
+        # views), and one is decoded only when the marker's tokens are not plainly in it.
+        a = arrays(ctx)
+        candidates = np.flatnonzero(rows_at_limit(ctx).numpy() & a.sup.any(axis=1)).tolist()
+        eos = eos_mask(ctx).numpy() if tok.eos_ids else None
+        seqs = _marker_tokens(tok, marker) if tok.encode is not None else []
+        if all((eos is None or bool((a.sup[r] & eos[r]).any()))
+               and (_marker_shown(a.ids[r], a.sup[r], seqs) or marker in tok.decode(a.ids[r][a.sup[r]].tolist()))
+               for r in candidates):
+            return []
     at_limit = rows_at_limit(ctx)
     if not bool(at_limit.any()):
         return []
     sup = supervised_mask(ctx)
     eos_missing = ~(sup & eos_mask(ctx)).any(dim=1) if tok.eos_ids else None
-    marker = ctx.hints.get("answer_marker") or ANSWER_MARKER
     marker_missing = None
-    if tok.decode is not None:
-        # Fast exit (same result as below): when every row at the limit still has its EOS and its
-        # answer line, no row lost anything; decoding only those rows saves decoding the batch.
-        candidates = (at_limit & sup.any(dim=1)).nonzero().flatten().tolist()
-        ids = b.input_ids
-        shown = _marker_rows(ctx, sup, marker)
-        if all((eos_missing is None or not bool(eos_missing[r]))
-               and (shown[r] or marker in tok.decode(ids[r][sup[r]].tolist())) for r in candidates):
-            return []
     texts = _supervised_texts(ctx, sup)
     if texts is not None and any(marker in t for t in texts):  # the data has a final-answer line
         marker_missing = torch.tensor([marker not in t for t in texts])

@@ -94,6 +94,8 @@ def pad_mask(batch: Batch, tok: TokenizerInfo | None) -> torch.Tensor:
         return np.where(m.all(axis=1), T, m.argmin(axis=1))  # argmin: the first False
 
     def filler(from_end: bool) -> np.ndarray:  # [B] _filler_run per row
+        if (am[:, -1 if from_end else 0] != 0).all():  # no row has a zero at that edge: no run
+            return np.zeros(B, dtype=np.int64)
         n = edge_runs(am == 0, from_end)
         if not n.any():
             return n
@@ -199,6 +201,27 @@ def _filler_run(ids: torch.Tensor, am: torch.Tensor, from_end: bool) -> int:
     return n if bool((run == run[0]).all()) else 0
 
 
+_CLASS_TABLES: dict[tuple[frozenset, frozenset], np.ndarray | None] = {}
+
+
+def _class_table(tok: TokenizerInfo) -> np.ndarray | None:
+    """int8 lookup table, indexed by id + 1: SPECIAL for special ids, EOS for eos ids, -1 elsewhere
+    (its first and last entries too, where ids below 0 and above the largest are clipped to).
+    None when there is no such id or one is negative or huge."""
+    key = (frozenset(tok.special_ids), frozenset(tok.eos_ids))
+    if key not in _CLASS_TABLES:
+        every = key[0] | key[1]
+        lut = None
+        if every and min(every) >= 0 and max(every) < _LUT_MAX_ID:
+            lut = np.full(max(every) + 3, -1, dtype=np.int8)
+            lut[np.asarray(sorted(key[0]), dtype=np.int64) + 1] = int(TokenClass.SPECIAL)
+            lut[np.asarray(sorted(key[1]), dtype=np.int64) + 1] = int(TokenClass.EOS)
+        if len(_CLASS_TABLES) > 64:
+            _CLASS_TABLES.clear()
+        _CLASS_TABLES[key] = lut
+    return _CLASS_TABLES[key]
+
+
 def classify(batch: Batch, tok: TokenizerInfo | None) -> torch.Tensor:
     """[B, T] int8 TokenClass codes."""
     ids = batch.input_ids
@@ -207,7 +230,12 @@ def classify(batch: Batch, tok: TokenizerInfo | None) -> torch.Tensor:
         cls = (batch.labels.cpu().numpy() != IGNORE_INDEX).astype(np.int8)  # PROMPT = 0, RESPONSE = 1
     else:
         cls = np.zeros(tuple(ids.shape), dtype=np.int8)
-    if tok is not None:
+    lut = _class_table(tok) if tok is not None else None
+    if lut is not None and ids.dtype in (torch.int64, torch.int32):
+        # one lookup: SPECIAL / EOS by id (EOS wins), -1 elsewhere (out-of-range ids included)
+        code = lut.take(ids.cpu().numpy() + 1, mode="clip")
+        cls = np.where(code >= 0, code, cls)
+    elif tok is not None:
         if tok.special_ids:
             cls[id_mask(ids, tok.special_ids).cpu().numpy()] = int(TokenClass.SPECIAL)
         if tok.eos_ids:
