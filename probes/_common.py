@@ -143,6 +143,20 @@ def chat_row_mask(ctx) -> torch.Tensor:
     return (id_mask(ids, markers) & real_mask(ctx)).any(dim=1)
 
 
+def may_have_document_starts(ctx) -> bool:
+    """False when document_starts(ctx) is surely all False (an exact screen, on numpy views): every
+    kind of start is a real position after the row's first real token that holds a BOS, or follows
+    a real eos-id token by one or two positions (turn ends and document ends are both eos ids)."""
+    ids, tok = ctx.batch.input_ids, ctx.tokenizer
+    if tok is None or ids.shape[1] < 2:
+        return False
+    r = real_mask(ctx).numpy()
+    e = eos_mask(ctx).numpy() & r
+    bos = tok.bos_id is not None and tok.bos_id not in tok.eos_ids
+    return bool((e[:, :-1] & r[:, 1:]).any() or (e[:, :-2] & r[:, 2:]).any()
+                or (bos and (ids[:, 1:].numpy() == tok.bos_id).any()))
+
+
 def document_starts(ctx) -> torch.Tensor:
     """[B, T] bool: real positions (after a row's first real token) where a new document starts.
 
@@ -156,16 +170,7 @@ def document_starts(ctx) -> torch.Tensor:
     B, T = ids.shape
     real = real_mask(ctx)
     starts = torch.zeros(B, T, dtype=torch.bool)
-    if tok is None or T < 2:
-        return starts
-    # Screen (exact): every kind of start below is a real position after the row's first real token
-    # that holds a BOS, or follows a real eos-id token by one or two positions (turn ends and
-    # document ends are both eos ids). Without such a position there is no start: skip the rest.
-    r = real.numpy()
-    e = eos_mask(ctx).numpy() & r
-    bos = tok.bos_id is not None and tok.bos_id not in tok.eos_ids
-    if not ((e[:, :-1] & r[:, 1:]).any() or (e[:, :-2] & r[:, 2:]).any()
-            or (bos and (ids[:, 1:].numpy() == tok.bos_id).any())):
+    if not may_have_document_starts(ctx):
         return starts
     first_real = first_index(real)
     after_first = torch.arange(T).unsqueeze(0) > first_real.unsqueeze(1)

@@ -97,7 +97,7 @@ class RowStats:
         self._hash_rows: list[np.ndarray] = []
         self.hashed = 0
 
-    def add(self, ctx: ProbeContext, rows: torch.Tensor) -> dict[str, list]:
+    def add(self, ctx: ProbeContext, rows: np.ndarray) -> dict[str, list]:
         """Fold one batch in; return its per-row statistics (lists indexed by position in the batch).
         Computed on numpy views of the batch and of the masks the probes shared (no copies)."""
         from sftdoctor.probes._common import labeled_mask, real_mask
@@ -141,7 +141,7 @@ class RowStats:
             self._hash(ids, real, length, rows)
         return {"length": length.tolist(), "supervised": n_sup.tolist(), "eos": has_eos.tolist()}
 
-    def _hash(self, ids: np.ndarray, real: np.ndarray, length: np.ndarray, rows: torch.Tensor) -> None:
+    def _hash(self, ids: np.ndarray, real: np.ndarray, length: np.ndarray, rows: np.ndarray) -> None:
         """A 64-bit hash of each row's real token ids, aligned at its first real token (so left and
         right padding of the same text hash alike); one vectorised pass, int64 arithmetic wraps."""
         B, T = ids.shape
@@ -152,7 +152,7 @@ class RowStats:
         h = np.where(real, mixed * _coefficients(T).numpy()[pos], 0).sum(axis=1)
         h ^= length * np.int64(0x2545F4914F6CDD1D)
         self._hashes.append(h)
-        self._hash_rows.append(rows.numpy().astype(np.int64, copy=True))
+        self._hash_rows.append(rows.astype(np.int64, copy=True))
         self.hashed += B
         if len(self._hashes) >= 256:  # one array per 256 batches: 16 bytes a row, not an object per batch
             self._hashes = [np.concatenate(self._hashes)]
@@ -255,9 +255,9 @@ class DatasetInspector:
                 self.bad_batch_reasons.append(f"batch {self.stats.batches + self.bad_batches - 1}: {e}")
             return []
         B = b.input_ids.shape[0]
-        row_ids = torch.arange(self.stats.rows, self.stats.rows + B) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
-        if row_ids.numel() != B:
-            row_ids = torch.arange(self.stats.rows, self.stats.rows + B)
+        row_ids = np.arange(self.stats.rows, self.stats.rows + B) if rows is None else np.asarray(list(rows), dtype=np.int64)
+        if row_ids.size != B:
+            row_ids = np.arange(self.stats.rows, self.stats.rows + B)
         index = self.stats.batches
         ctx = ProbeContext(batch=b, tokenizer=self.tok, model=self.model, hints=self.hints, step_index=index)
         findings, checks = run_probes(ctx, self.probes, ignore=self.ignore)

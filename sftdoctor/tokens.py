@@ -56,10 +56,11 @@ def id_mask(ids: torch.Tensor, wanted: Iterable[int]) -> torch.Tensor:
     if not ws:
         return torch.zeros(ids.shape, dtype=torch.bool)
     if len(ws) <= 3:
-        m = ids == ws[0]
+        a = ids.numpy() if ids.device.type == "cpu" else ids
+        m = a == ws[0]
         for w in ws[1:]:
-            m |= ids == w
-        return m
+            m |= a == w
+        return torch.from_numpy(m) if ids.device.type == "cpu" else m
     if lut is None or ids.device.type != "cpu" or ids.dtype not in (torch.int64, torch.int32):
         return torch.isin(ids, torch.tensor(ws, dtype=ids.dtype))
     # take(mode="clip") sends ids below -1 to entry 0 and ids above max + 1 to the last entry
@@ -109,31 +110,37 @@ def pad_mask(batch: Batch, tok: TokenizerInfo | None) -> torch.Tensor:
         return np.where((n > 0) & same, n, 0)
 
     if pad_id is not None:
+        # Each step below is skipped where its result is surely empty (a pad-free row start, no
+        # zero at a mask edge): the same mask as the full computation, in fewer numpy calls.
         is_pad = ids == pad_id
         n_tail = edge_runs(is_pad, True)
-        all_pad = n_tail == T
-        n_head = edge_runs(is_pad, False)
-        first = T - n_tail
+        first = T - n_tail  # T where a row has no pad-id tail: nothing marked
         if tok.pad_is_eos:  # position rule: the first EOS after the text is real
             real_eos = np.ones(B, dtype=bool) if am is None else am[rows, np.minimum(first, T - 1)] != 0
             first = first + (real_eos & (n_tail > 0))
-        out |= (n_tail > 0)[:, None] & (pos >= first[:, None])
+        out = pos >= first[:, None]
         tail_eff = n_tail
         if am is not None:
             no_tail = n_tail == 0
             if no_tail.any():  # rows without a pad-id tail: padded with another filler id?
                 ft = np.where(no_tail, filler(True), 0)
-                out |= (ft > 0)[:, None] & (pos >= (T - ft)[:, None])
+                out |= pos >= (T - ft)[:, None]  # ft == 0: nothing
                 tail_eff = np.where(no_tail, ft, n_tail)
-        head = pos < n_head[:, None]
-        if am is not None:
-            head &= am == 0  # a leading pad id that is attended is BOS-like
+        n_head = np.zeros(B, dtype=np.int64)
+        if is_pad[:, 0].any():
+            n_head = edge_runs(is_pad, False)
+            head = pos < n_head[:, None]
+            if am is not None:
+                head &= am == 0  # a leading pad id that is attended is BOS-like
+            out |= head
+        if am is not None and not (am[:, 0] != 0).all():  # else filler(False) is 0 for every row
             no_head = (n_head == 0) & (tail_eff < T)
             if no_head.any():
                 fh = np.where(no_head, filler(False), 0)
-                head |= pos < fh[:, None]
-        out |= head
-        out[all_pad] = True
+                out |= pos < fh[:, None]
+        all_pad = n_tail == T
+        if all_pad.any():
+            out[all_pad] = True
     elif am is not None:
         n_tail = filler(True)
         n_head = np.where(n_tail < T, filler(False), 0)
