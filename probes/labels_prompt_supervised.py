@@ -114,30 +114,43 @@ def _prompt_region(ctx, real: np.ndarray, first_real: np.ndarray) -> tuple[np.nd
     if not found:
         return pos < ends[:, None], "response marker", None
     firsts = frozenset(seq[0] for _, seq in found)
-    # one lookup over the batch: the positions holding some marker's first token (a few per row);
-    # each marker is then matched at those positions only
+    # One lookup over the batch: the positions holding some marker's first token (a few per row),
+    # with the token after each (-1 at the row's end). A marker is matched only where its first two
+    # tokens occur together; its prompt end is start + length, the earliest per row wins, and the
+    # marker text reported is the first marker (in list order) that matches anywhere, as a marker
+    # loop taking each row's earliest hit would report.
     a = ids.numpy()
-    rr, cc = np.nonzero(id_mask(ids, firsts).numpy())  # row-major: each row's positions in order
+    rr, cc = np.nonzero(id_mask(ids, firsts).numpy())
     heads = a[rr, cc]
-    present = set(heads.tolist())
+    nxt = np.where(cc + 1 < T, a[rr, np.minimum(cc + 1, T - 1)], -1)
+    pair = (heads << 32) ^ (nxt & 0xFFFFFFFF)
+    present, present2 = set(heads.tolist()), set(pair.tolist())
+    real_at = real[rr, cc]
+    best = np.full(B, np.iinfo(np.int64).max, dtype=np.int64)
     for text, seq in found:
+        L = len(seq)
         if seq[0] not in present:
             continue
-        L = len(seq)
-        keep = (heads == seq[0]) & (cc + L <= T) & real[rr, cc]
-        for j in range(1, L):
-            keep &= a[rr, np.minimum(cc + j, T - 1)] == seq[j]
+        if L == 1:
+            keep = heads == seq[0]
+        else:
+            key = (seq[0] << 32) ^ (seq[1] & 0xFFFFFFFF)
+            if key not in present2:
+                continue
+            keep = (heads == seq[0]) & (nxt == seq[1])  # (the pair set only filters)
+            for j in range(2, L):
+                keep &= a[rr, np.minimum(cc + j, T - 1)] == seq[j]
+            keep &= cc + L <= T
+        keep &= real_at
         if not keep.any():
             continue
-        r_, c_ = rr[keep], cc[keep]
-        first = np.r_[True, r_[1:] != r_[:-1]]  # the earliest match of each row
-        start = np.full(B, -1, dtype=np.int64)
-        start[r_[first]] = c_[first]
-        hit = start >= 0
-        better = hit & ((ends < 0) | (start + len(seq) < ends))
-        if found_text is None and better.any():
+        if found_text is None:
             found_text = text
-        ends = np.where(better, start + len(seq), ends)
+        # rows ascend and, within a row, positions ascend (np.nonzero's order): reversed, each row's
+        # earliest hit is written last, so it is the one that stays
+        r_, e_ = rr[keep][::-1], cc[keep][::-1] + L
+        best[r_] = np.minimum(best[r_], e_)
+    ends = np.where(best == np.iinfo(np.int64).max, -1, best)
     return pos < ends[:, None], "response marker", found_text
 
 
