@@ -64,6 +64,8 @@ class BatchArrays:
         self.labeled = labeled_mask(ctx).numpy() if b.labels is not None else None
         self.sup = supervised_mask(ctx).numpy() if b.labels is not None else None
         self.am = b.attention_mask.numpy() if b.attention_mask is not None else None
+        self.classes = ctx.token_classes.numpy()  # computed already: real_mask reads it
+        self.eos = eos_mask(ctx).numpy() if ctx.tokenizer is not None else None  # (no reference to ctx: no cycle)
 
 
 def arrays(ctx) -> BatchArrays:
@@ -150,8 +152,9 @@ def may_have_document_starts(ctx) -> bool:
     ids, tok = ctx.batch.input_ids, ctx.tokenizer
     if tok is None or ids.shape[1] < 2:
         return False
-    r = real_mask(ctx).numpy()
-    e = eos_mask(ctx).numpy() & r
+    a = arrays(ctx)
+    r = a.real
+    e = a.eos & r
     bos = tok.bos_id is not None and tok.bos_id not in tok.eos_ids
     return bool((e[:, :-1] & r[:, 1:]).any() or (e[:, :-2] & r[:, 2:]).any()
                 or (bos and (ids[:, 1:].numpy() == tok.bos_id).any()))
@@ -219,7 +222,7 @@ def rows_at_limit(ctx) -> torch.Tensor:
     the whole width with no padding while other rows are padded (with dynamic padding the longest
     row also does, so this only marks candidates; callers also require a missing EOS/answer), or
     every row when none is padded (all cut to one length)."""
-    real = real_mask(ctx).numpy()
+    real = arrays(ctx).real
     lengths = real.sum(axis=1)
     limit = length_limit(ctx)
     if limit is not None:

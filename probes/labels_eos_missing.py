@@ -25,7 +25,7 @@ def check(ctx) -> list[Finding]:
     if not tok.eos_ids:
         return []
     a = arrays(ctx)
-    if not (a.sup.any(axis=1) & ~(a.sup & eos_mask(ctx).numpy()).any(axis=1)).any():
+    if not (a.sup.any(axis=1) & ~(a.sup & a.eos).any(axis=1)).any():
         return []  # every supervised row has a supervised EOS (sup is real positions only)
     sup = supervised_mask(ctx)
     has_sup = sup.any(dim=1)

@@ -15,7 +15,7 @@ import torch
 
 from sftdoctor.findings import Finding
 
-from ._common import id_mask, real_mask, rows_of, supervised_mask
+from ._common import arrays, id_mask, rows_of
 
 id = "labels-prompt-supervised"
 level = "batch"
@@ -119,7 +119,7 @@ def _prompt_region(ctx, real: np.ndarray, first_real: np.ndarray) -> tuple[np.nd
     # tokens occur together; its prompt end is start + length, the earliest per row wins, and the
     # marker text reported is the first marker (in list order) that matches anywhere, as a marker
     # loop taking each row's earliest hit would report.
-    a = ids.numpy()
+    a = arrays(ctx).ids
     rr, cc = np.nonzero(id_mask(ids, firsts).numpy())
     heads = a[rr, cc]
     nxt = np.where(cc + 1 < T, a[rr, np.minimum(cc + 1, T - 1)], -1)
@@ -156,8 +156,8 @@ def _prompt_region(ctx, real: np.ndarray, first_real: np.ndarray) -> tuple[np.nd
 
 def check(ctx) -> list[Finding]:
     b = ctx.batch
-    real = real_mask(ctx).numpy()
-    sup = supervised_mask(ctx).numpy()
+    a = arrays(ctx)
+    real, sup = a.real, a.sup
     T = real.shape[1]
     first_real = np.where(real.any(axis=1), real.argmax(axis=1), -1)
     # labels[first token] never carries loss under the HF shift: leave it out of every count
@@ -169,9 +169,14 @@ def check(ctx) -> list[Finding]:
     region, method, marker = _prompt_region(ctx, real, first_real)
     region &= body
     prompt_sup_np = sup & region
-    n_prompt_sup, n_region = int(prompt_sup_np.sum()), int(region.sum())
-    n_sup = int(sup_body.sum())
-    fully_supervised = torch.from_numpy(has_sup & ~(body & ~sup).any(axis=1))
+    n_prompt_sup = int(np.count_nonzero(prompt_sup_np))
+    # the counts and masks below are read only by the branch that uses them (fewer than 2
+    # supervised prompt tokens never report; fully supervised rows matter only without a marker)
+    n_region = int(np.count_nonzero(region)) if n_prompt_sup >= 2 else 0
+    n_sup = int(np.count_nonzero(sup_body)) if n_prompt_sup >= 2 else 0
+    fully_supervised = None
+    if method == "response marker" and marker is None:
+        fully_supervised = torch.from_numpy(has_sup & ~(body & ~sup).any(axis=1))
     has_sup = torch.from_numpy(has_sup)
     prompt_sup = torch.from_numpy(prompt_sup_np)
     evidence = {"method": method, "marker": marker}

@@ -37,8 +37,8 @@ def check(ctx) -> list[Finding]:
         return []
     a = arrays(ctx)
     # quick screen, the same condition as masked_real_eos's first result, on numpy views
-    eos_here = (ctx.token_classes.numpy()[:, 1:] == int(TokenClass.EOS)) & (a.ids[:, 1:] == tok.pad_id)
-    if not (eos_here & ~a.labeled[:, 1:] & a.labeled[:, :-1] & ~eos_mask(ctx).numpy()[:, :-1]).any():
+    eos_here = (a.classes[:, 1:] == int(TokenClass.EOS)) & (a.ids[:, 1:] == tok.pad_id)
+    if not (eos_here & ~a.labeled[:, 1:] & a.labeled[:, :-1] & ~a.eos[:, :-1]).any():
         return []
     masked, ends = masked_real_eos(ctx)
     n_masked, n_ends = int(masked.sum()), int(ends.sum())

@@ -86,7 +86,7 @@ def check(ctx) -> list[Finding]:
         # views), and one is decoded only when the marker's tokens are not plainly in it.
         a = arrays(ctx)
         candidates = np.flatnonzero(rows_at_limit(ctx).numpy() & a.sup.any(axis=1)).tolist()
-        eos = eos_mask(ctx).numpy() if tok.eos_ids else None
+        eos = a.eos if tok.eos_ids else None
         seqs = _marker_tokens(tok, marker) if tok.encode is not None else []
         if all((eos is None or bool((a.sup[r] & eos[r]).any()))
                and (_marker_shown(a.ids[r], a.sup[r], seqs) or marker in tok.decode(a.ids[r][a.sup[r]].tolist()))

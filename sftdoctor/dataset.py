@@ -100,16 +100,13 @@ class RowStats:
     def add(self, ctx: ProbeContext, rows: np.ndarray) -> dict[str, list]:
         """Fold one batch in; return its per-row statistics (lists indexed by position in the batch).
         Computed on numpy views of the batch and of the masks the probes shared (no copies)."""
-        from sftdoctor.probes._common import labeled_mask, real_mask
+        from sftdoctor.probes._common import arrays
 
-        b = ctx.batch
-        ids = b.input_ids.numpy()
+        a = arrays(ctx)  # the numpy views the probes shared
+        ids, classes, real, labeled = a.ids, a.classes, a.real, a.labeled
         B, T = ids.shape
-        classes = ctx.token_classes.numpy()
-        real = real_mask(ctx).numpy()
         length = real.sum(axis=1)
-        labeled = labeled_mask(ctx).numpy() if b.labels is not None else None
-        sup = labeled & real if labeled is not None else np.zeros_like(real)
+        sup = a.sup if labeled is not None else np.zeros_like(real)
         n_sup = sup.sum(axis=1)
         has_eos = (sup & (classes == int(TokenClass.EOS))).any(axis=1)
         self.rows += B
@@ -264,7 +261,7 @@ class DatasetInspector:
         per_row = self.stats.add(ctx, row_ids)
         rows_list = row_ids.tolist()
         for c in checks:
-            st = self.checks.setdefault(c.id, _Check())
+            st = self.checks.get(c.id) or self.checks.setdefault(c.id, _Check())
             if c.status == "skipped":
                 st.reason = st.reason or c.reason
             else:
