@@ -97,6 +97,9 @@ def markers(ctx) -> list[tuple[str, list[int]]]:
     return _MARKERS[key]
 
 
+_NO_END = np.iinfo(np.int64).max  # a row with no marker hit
+
+
 def _prompt_region(ctx, real: np.ndarray, first_real: np.ndarray) -> tuple[np.ndarray, str, str | None]:
     """[B, T] bool prompt positions (after each row's first token), the method, the marker text.
     Arrays are numpy views of the batch's masks (one small numpy op costs a fraction of a torch op)."""
@@ -126,7 +129,7 @@ def _prompt_region(ctx, real: np.ndarray, first_real: np.ndarray) -> tuple[np.nd
     pair = (heads << 32) ^ (nxt & 0xFFFFFFFF)
     present, present2 = set(heads.tolist()), set(pair.tolist())
     real_at = real[rr, cc]
-    best = np.full(B, np.iinfo(np.int64).max, dtype=np.int64)
+    best = np.full(B, _NO_END, dtype=np.int64)
     for text, seq in found:
         L = len(seq)
         if seq[0] not in present:
@@ -150,7 +153,7 @@ def _prompt_region(ctx, real: np.ndarray, first_real: np.ndarray) -> tuple[np.nd
         # earliest hit is written last, so it is the one that stays
         r_, e_ = rr[keep][::-1], cc[keep][::-1] + L
         best[r_] = np.minimum(best[r_], e_)
-    ends = np.where(best == np.iinfo(np.int64).max, -1, best)
+    ends = np.where(best == _NO_END, -1, best)
     return pos < ends[:, None], "response marker", found_text
 
 

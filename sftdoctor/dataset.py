@@ -143,10 +143,12 @@ class RowStats:
         right padding of the same text hash alike); one vectorised pass, int64 arithmetic wraps."""
         B, T = ids.shape
         first = real.argmax(axis=1)[:, None]  # 0 for a row with no real token
-        pos = np.maximum(np.arange(T)[None, :] - first, 0)
+        coef = _coefficients(T).numpy()
+        if first.any():  # some row starts after padding: each row's coefficients from its first real token
+            coef = coef[np.maximum(np.arange(T)[None, :] - first, 0)]
         mixed = (ids + 1) * np.int64(-7046029254386353131)  # a 64-bit odd constant: spreads small ids over all bits
         mixed ^= mixed >> 29
-        h = np.where(real, mixed * _coefficients(T).numpy()[pos], 0).sum(axis=1)
+        h = np.where(real, mixed * coef, 0).sum(axis=1)
         h ^= length * np.int64(0x2545F4914F6CDD1D)
         self._hashes.append(h)
         self._hash_rows.append(rows.astype(np.int64, copy=True))
