@@ -122,7 +122,7 @@ def _prompt_region(ctx, real: np.ndarray, first_real: np.ndarray) -> tuple[np.nd
     # tokens occur together; its prompt end is start + length, the earliest per row wins, and the
     # marker text reported is the first marker (in list order) that matches anywhere, as a marker
     # loop taking each row's earliest hit would report.
-    a = arrays(ctx).ids
+    a = ids.numpy()
     rr, cc = np.nonzero(id_mask(ids, firsts).numpy())
     heads = a[rr, cc]
     nxt = np.where(cc + 1 < T, a[rr, np.minimum(cc + 1, T - 1)], -1)
