@@ -6,12 +6,11 @@ is found by position in sftdoctor.tokens (the PAD token class).
 """
 from __future__ import annotations
 
-from typing import Iterable
-
+import numpy as np
 import torch
 
 from sftdoctor.context import IGNORE_INDEX
-from sftdoctor.tokens import TokenClass
+from sftdoctor.tokens import TokenClass, id_mask  # noqa: F401 (id_mask: re-exported for the probes)
 
 MAX_LISTED = 32  # rows / positions listed in evidence; counts always cover everything
 
@@ -21,7 +20,16 @@ def real_mask(ctx) -> torch.Tensor:
     probe: callers must never modify the returned mask in place."""
     m = ctx.__dict__.get("_real_mask")
     if m is None:
-        m = ctx.__dict__["_real_mask"] = ctx.token_classes != int(TokenClass.PAD)
+        m = ctx.__dict__["_real_mask"] = torch.from_numpy(ctx.token_classes.numpy() != int(TokenClass.PAD))
+    return m
+
+
+def labeled_mask(ctx) -> torch.Tensor:
+    """[B, T] bool: positions whose label is not IGNORE_INDEX, padding included (shared like
+    real_mask: never modify it in place). Needs labels."""
+    m = ctx.__dict__.get("_labeled_mask")
+    if m is None:
+        m = ctx.__dict__["_labeled_mask"] = torch.from_numpy(ctx.batch.labels.numpy() != IGNORE_INDEX)
     return m
 
 
@@ -30,16 +38,42 @@ def supervised_mask(ctx) -> torch.Tensor:
     never modify it in place)."""
     m = ctx.__dict__.get("_supervised_mask")
     if m is None:
-        m = ctx.__dict__["_supervised_mask"] = (ctx.batch.labels != IGNORE_INDEX) & real_mask(ctx)
+        m = ctx.__dict__["_supervised_mask"] = torch.from_numpy(labeled_mask(ctx).numpy() & real_mask(ctx).numpy())
     return m
 
 
-def id_mask(ids: torch.Tensor, wanted: Iterable[int]) -> torch.Tensor:
-    """[B, T] bool: positions whose id is one of `wanted`."""
-    wanted = sorted({int(i) for i in wanted})
-    if not wanted:
-        return torch.zeros(ids.shape, dtype=torch.bool)
-    return torch.isin(ids, torch.tensor(wanted, dtype=ids.dtype))
+def eos_mask(ctx) -> torch.Tensor:
+    """[B, T] bool: positions holding one of the tokenizer's eos ids, padding included (shared like
+    real_mask: never modify it in place). Needs a tokenizer."""
+    m = ctx.__dict__.get("_eos_mask")
+    if m is None:
+        m = ctx.__dict__["_eos_mask"] = id_mask(ctx.batch.input_ids, ctx.tokenizer.eos_ids)
+    return m
+
+
+class BatchArrays:
+    """Numpy views of one batch and of the shared masks, for the probes' quick "nothing to report"
+    screens: a small numpy op costs a fraction of the same torch op on [B, T] batches, and the views
+    share memory with the tensors (no copy). Read-only, like the masks they view."""
+
+    def __init__(self, ctx) -> None:
+        b = ctx.batch
+        self.ids = b.input_ids.numpy()
+        self.real = real_mask(ctx).numpy()
+        self.labels = b.labels.numpy() if b.labels is not None else None
+        self.labeled = labeled_mask(ctx).numpy() if b.labels is not None else None
+        self.sup = supervised_mask(ctx).numpy() if b.labels is not None else None
+        self.am = b.attention_mask.numpy() if b.attention_mask is not None else None
+        self.classes = ctx.token_classes.numpy()  # computed already: real_mask reads it
+        self.eos = eos_mask(ctx).numpy() if ctx.tokenizer is not None else None  # (no reference to ctx: no cycle)
+
+
+def arrays(ctx) -> BatchArrays:
+    """The batch's BatchArrays, built once per context."""
+    a = ctx.__dict__.get("_arrays")
+    if a is None:
+        a = ctx.__dict__["_arrays"] = BatchArrays(ctx)
+    return a
 
 
 def first_index(mask: torch.Tensor) -> torch.Tensor:
@@ -69,20 +103,24 @@ def token_ref(tok, token_id: int | None) -> dict:
 
 
 def find_sequence(ids: torch.Tensor, pattern: list[int]) -> torch.Tensor:
-    """[B, T] bool: True at each position where `pattern` starts (vectorised with unfold)."""
+    """[B, T] bool: True at each position where `pattern` starts (one compare per pattern token on
+    numpy views of the batch: no [B, T, L] window tensor)."""
     B, T = ids.shape
     L = len(pattern)
-    out = torch.zeros(B, T, dtype=torch.bool)
     if L == 0 or L > T:
-        return out
+        return torch.zeros(B, T, dtype=torch.bool)
+    if ids.device.type != "cpu":
+        ids = ids.cpu()
+    a = ids.numpy()
     n = T - L + 1
-    hit = ids[:, :n] == pattern[0]
-    for j in range(1, L):  # one compare per pattern token (L is a few tokens), no [B, T, L] window tensor
-        if not bool(hit.any()):
+    out = np.zeros((B, T), dtype=bool)
+    hit = out[:, :n]
+    np.equal(a[:, :n], pattern[0], out=hit)
+    for j in range(1, L):  # L is a few tokens
+        if not hit.any():
             break
-        hit &= ids[:, j:j + n] == pattern[j]
-    out[:, :n] = hit
-    return out
+        hit &= a[:, j:j + n] == pattern[j]
+    return torch.from_numpy(out)
 
 
 def turn_end_ids(tok) -> set[int]:
@@ -107,6 +145,21 @@ def chat_row_mask(ctx) -> torch.Tensor:
     return (id_mask(ids, markers) & real_mask(ctx)).any(dim=1)
 
 
+def may_have_document_starts(ctx) -> bool:
+    """False when document_starts(ctx) is surely all False (an exact screen, on numpy views): every
+    kind of start is a real position after the row's first real token that holds a BOS, or follows
+    a real eos-id token by one or two positions (turn ends and document ends are both eos ids)."""
+    ids, tok = ctx.batch.input_ids, ctx.tokenizer
+    if tok is None or ids.shape[1] < 2:
+        return False
+    a = arrays(ctx)
+    r = a.real
+    e = a.eos & r
+    bos = tok.bos_id is not None and tok.bos_id not in tok.eos_ids
+    return bool((e[:, :-1] & r[:, 1:]).any() or (e[:, :-2] & r[:, 2:]).any()
+                or (bos and (ids[:, 1:].numpy() == tok.bos_id).any()))
+
+
 def document_starts(ctx) -> torch.Tensor:
     """[B, T] bool: real positions (after a row's first real token) where a new document starts.
 
@@ -120,7 +173,7 @@ def document_starts(ctx) -> torch.Tensor:
     B, T = ids.shape
     real = real_mask(ctx)
     starts = torch.zeros(B, T, dtype=torch.bool)
-    if tok is None or T < 2:
+    if not may_have_document_starts(ctx):
         return starts
     first_real = first_index(real)
     after_first = torch.arange(T).unsqueeze(0) > first_real.unsqueeze(1)
@@ -169,16 +222,16 @@ def rows_at_limit(ctx) -> torch.Tensor:
     the whole width with no padding while other rows are padded (with dynamic padding the longest
     row also does, so this only marks candidates; callers also require a missing EOS/answer), or
     every row when none is padded (all cut to one length)."""
-    real = real_mask(ctx)
-    lengths = real.sum(dim=1)
+    real = arrays(ctx).real
+    lengths = real.sum(axis=1)
     limit = length_limit(ctx)
     if limit is not None:
-        return lengths >= limit
+        return torch.from_numpy(lengths >= limit)
     full = lengths == real.shape[1]
-    if bool(full.all()) and full.numel() >= 2:
+    if full.all() and full.size >= 2:
         # every row fills the width with no padding at all: every row was cut to the same length
         # (natural rows of one batch are never all equally long); callers also require a lost end
-        return full
-    if not bool(full.any()):
-        return torch.zeros_like(full)
-    return full
+        return torch.from_numpy(full)
+    if not full.any():
+        return torch.from_numpy(np.zeros_like(full))
+    return torch.from_numpy(full)

@@ -6,7 +6,7 @@ from sftdoctor.context import IGNORE_INDEX
 from sftdoctor.findings import Finding
 
 from ._dataset import DatasetRule
-from ._common import first_index, real_mask, rows_of
+from ._common import arrays, first_index, real_mask, rows_of
 
 id = "attention-mask-hides-tokens"
 level = "batch"
@@ -21,6 +21,9 @@ dataset = DatasetRule(what="have real tokens hidden by attention_mask", sum_keys
 
 
 def check(ctx) -> list[Finding]:
+    a = arrays(ctx)
+    if not (a.real & (a.am == 0)).any():  # no real token is hidden
+        return []
     b = ctx.batch
     am = b.attention_mask != 0
     real = real_mask(ctx)

@@ -3,9 +3,11 @@ after an all-zero prefix sees no key at all: eager attention spreads it uniforml
 kernels return NaN there (and the NaN can spread)."""
 from __future__ import annotations
 
+import numpy as np
+
 from sftdoctor.findings import Finding
 
-from ._common import MAX_LISTED, real_mask, rows_of
+from ._common import MAX_LISTED, arrays, real_mask, rows_of
 
 id = "attention-rows-empty"
 level = "batch"
@@ -15,6 +17,13 @@ remedy = "collator"
 
 
 def check(ctx) -> list[Finding]:
+    a = arrays(ctx)
+    T = a.real.shape[1]
+    attended = a.am != 0
+    first_key = np.where(attended.any(axis=1), attended.argmax(axis=1), T)
+    first_real = np.where(a.real.any(axis=1), a.real.argmax(axis=1), T)
+    if not (first_real < first_key).any():
+        return []  # every row's first real token comes at or after its first visible key
     b = ctx.batch
     visible_keys = (b.attention_mask != 0).long().cumsum(dim=1)  # keys a causal query at t can see
     no_key = visible_keys == 0

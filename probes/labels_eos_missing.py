@@ -8,7 +8,7 @@ from sftdoctor.context import IGNORE_INDEX
 from sftdoctor.findings import Finding
 
 from ._dataset import DatasetRule, by_rate
-from ._common import id_mask, last_index, length_limit, real_mask, rows_at_limit, rows_of, supervised_mask, token_ref
+from ._common import arrays, eos_mask, last_index, length_limit, real_mask, rows_at_limit, rows_of, supervised_mask, token_ref
 
 id = "labels-eos-missing"
 level = "batch"
@@ -28,9 +28,12 @@ def check(ctx) -> list[Finding]:
     b, tok = ctx.batch, ctx.tokenizer
     if not tok.eos_ids:
         return []
+    a = arrays(ctx)
+    if not (a.sup.any(axis=1) & ~(a.sup & a.eos).any(axis=1)).any():
+        return []  # every supervised row has a supervised EOS (sup is real positions only)
     sup = supervised_mask(ctx)
     has_sup = sup.any(dim=1)
-    eos = id_mask(b.input_ids, tok.eos_ids) & real_mask(ctx)
+    eos = eos_mask(ctx) & real_mask(ctx)
     missing = has_sup & ~(sup & eos).any(dim=1)
     if not bool(missing.any()):
         return []

@@ -2,10 +2,9 @@
 is 0/0 = NaN, or a fake 0.0 where a trainer clamps it."""
 from __future__ import annotations
 
-from sftdoctor.context import IGNORE_INDEX
 from sftdoctor.findings import Finding
 
-from ._common import real_mask, rows_of
+from ._common import arrays, labeled_mask, real_mask, rows_of
 from ._dataset import DatasetRule
 
 id = "labels-no-supervised-tokens"
@@ -31,9 +30,11 @@ dataset = DatasetRule(
 
 
 def check(ctx) -> list[Finding]:
+    if arrays(ctx).labeled.any(axis=1).all():
+        return []  # every row has a label other than -100
     b = ctx.batch
     # Any label other than -100 carries loss (even on padding): that is what keeps the mean finite.
-    per_row = (b.labels != IGNORE_INDEX).sum(dim=1)
+    per_row = labeled_mask(ctx).sum(dim=1)
     empty = per_row == 0
     n_empty, n_rows = int(empty.sum()), int(empty.numel())
     if n_empty == 0:

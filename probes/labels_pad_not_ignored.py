@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from sftdoctor.context import IGNORE_INDEX
 from sftdoctor.findings import Finding
 from sftdoctor.tokens import TokenClass
 
+from ._common import arrays, labeled_mask
 from ._dataset import DatasetRule
 
 id = "labels-pad-not-ignored"
@@ -23,15 +23,18 @@ dataset = DatasetRule(what="supervise padding positions (label != -100 on pad)",
 
 
 def check(ctx) -> list[Finding]:
+    a = arrays(ctx)
+    if not (a.labeled & ~a.real).any():  # no padding position carries a label
+        return []
     b = ctx.batch
     pad = ctx.token_classes == int(TokenClass.PAD)
-    supervised_pad = pad & (b.labels != IGNORE_INDEX)
+    supervised_pad = pad & labeled_mask(ctx)
     n = int(supervised_pad.sum())
     if n == 0:
         return []
     n_pad = int(pad.sum())
     values = Counter(b.labels[supervised_pad].tolist()).most_common(5)
-    supervised_total = int((b.labels != IGNORE_INDEX).sum())
+    supervised_total = int(labeled_mask(ctx).sum())
     tok = ctx.tokenizer
     top_id = values[0][0]
     text = tok.token_text(top_id) if tok is not None else ""

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from sftdoctor.findings import Finding
 
-from ._common import find_sequence, first_index, real_mask, rows_of, supervised_mask
+from ._common import arrays, id_mask, rows_of
 
 id = "labels-prompt-supervised"
 level = "batch"
@@ -90,55 +91,99 @@ def markers(ctx) -> list[tuple[str, list[int]]]:
         if header:
             texts.append(header)
         texts.extend(TEXT_MARKERS)
-        _MARKERS[key] = [(t, seq) for t in texts for seq in _encodings(tok, t)]
+        # one entry per token sequence, the first text that gives it: a later copy can never end a
+        # prompt earlier than the first (same start, same end), so it changes neither ends nor the text
+        seen: set[tuple[int, ...]] = set()
+        _MARKERS[key] = [(t, seq) for t in texts for seq in _encodings(tok, t)
+                         if tuple(seq) not in seen and not seen.add(tuple(seq))]
     return _MARKERS[key]
 
 
-def _prompt_region(ctx, real, first_real) -> tuple[torch.Tensor, str, str | None]:
-    """[B, T] bool prompt positions (after each row's first token), the method, the marker text."""
+_NO_END = np.iinfo(np.int64).max  # a row with no marker hit
+
+
+def _prompt_region(ctx, real: np.ndarray, first_real: np.ndarray) -> tuple[np.ndarray, str, str | None]:
+    """[B, T] bool prompt positions (after each row's first token), the method, the marker text.
+    Arrays are numpy views of the batch's masks (one small numpy op costs a fraction of a torch op)."""
     B, T = real.shape
-    pos = torch.arange(T).unsqueeze(0)
+    pos = np.arange(T)[None, :]
     lengths = ctx.hints.get("prompt_lengths")
     if lengths is not None and len(lengths) == B:
-        end = first_real.clamp(min=0) + torch.as_tensor(list(lengths), dtype=torch.long)
-        return pos < end.unsqueeze(1), "prompt_lengths hint", None
+        end = np.maximum(first_real, 0) + torch.as_tensor(list(lengths), dtype=torch.long).numpy()
+        return pos < end[:, None], "prompt_lengths hint", None
     # the earliest marker occurrence per row ends its prompt (earliest: never counts answer text as prompt)
-    ends = torch.full((B,), -1, dtype=torch.long)
+    ends = np.full(B, -1, dtype=np.int64)
     found_text = None
     ids = ctx.batch.input_ids
     found = markers(ctx)
-    firsts = sorted({seq[0] for _, seq in found})
-    # one isin over the batch: markers whose first token never occurs cannot match (most of them)
-    present = set(ids[torch.isin(ids, torch.tensor(firsts, dtype=ids.dtype))].unique().tolist()) if firsts else set()
+    if not found:
+        return pos < ends[:, None], "response marker", None
+    firsts = frozenset(seq[0] for _, seq in found)
+    # One lookup over the batch: the positions holding some marker's first token (a few per row),
+    # with the token after each (-1 at the row's end). A marker is matched only where its first two
+    # tokens occur together; its prompt end is start + length, the earliest per row wins, and the
+    # marker text reported is the first marker (in list order) that matches anywhere, as a marker
+    # loop taking each row's earliest hit would report.
+    a = ids.numpy()
+    rr, cc = np.nonzero(id_mask(ids, firsts).numpy())
+    heads = a[rr, cc]
+    nxt = np.where(cc + 1 < T, a[rr, np.minimum(cc + 1, T - 1)], -1)
+    pair = (heads << 32) ^ (nxt & 0xFFFFFFFF)
+    present, present2 = set(heads.tolist()), set(pair.tolist())
+    real_at = real[rr, cc]
+    best = np.full(B, _NO_END, dtype=np.int64)
     for text, seq in found:
+        L = len(seq)
         if seq[0] not in present:
             continue
-        start = first_index(find_sequence(ctx.batch.input_ids, seq) & real)
-        hit = start >= 0
-        better = hit & ((ends < 0) | (start + len(seq) < ends))
-        if bool(better.any()) and found_text is None:
+        if L == 1:
+            keep = heads == seq[0]
+        else:
+            key = (seq[0] << 32) ^ (seq[1] & 0xFFFFFFFF)
+            if key not in present2:
+                continue
+            keep = (heads == seq[0]) & (nxt == seq[1])  # (the pair set only filters)
+            for j in range(2, L):
+                keep &= a[rr, np.minimum(cc + j, T - 1)] == seq[j]
+            keep &= cc + L <= T
+        keep &= real_at
+        if not keep.any():
+            continue
+        if found_text is None:
             found_text = text
-        ends = torch.where(better, start + len(seq), ends)
-    return pos < ends.unsqueeze(1), "response marker", found_text
+        # rows ascend and, within a row, positions ascend (np.nonzero's order): reversed, each row's
+        # earliest hit is written last, so it is the one that stays
+        r_, e_ = rr[keep][::-1], cc[keep][::-1] + L
+        best[r_] = np.minimum(best[r_], e_)
+    ends = np.where(best == _NO_END, -1, best)
+    return pos < ends[:, None], "response marker", found_text
 
 
 def check(ctx) -> list[Finding]:
     b = ctx.batch
-    real = real_mask(ctx)
-    sup = supervised_mask(ctx)
-    first_real = first_index(real)
+    a = arrays(ctx)
+    real, sup = a.real, a.sup
     T = real.shape[1]
+    first_real = np.where(real.any(axis=1), real.argmax(axis=1), -1)
     # labels[first token] never carries loss under the HF shift: leave it out of every count
-    body = real & (torch.arange(T).unsqueeze(0) > first_real.unsqueeze(1))
-    has_sup = (sup & body).any(dim=1)
-    if not bool(has_sup.any()):
+    body = real & (np.arange(T)[None, :] > first_real[:, None])
+    sup_body = sup & body
+    has_sup = sup_body.any(axis=1)
+    if not has_sup.any():
         return []
     region, method, marker = _prompt_region(ctx, real, first_real)
     region &= body
-    prompt_sup = sup & region
-    n_prompt_sup, n_region = int(prompt_sup.sum()), int(region.sum())
-    n_sup = int((sup & body).sum())
-    fully_supervised = has_sup & ~(body & ~sup).any(dim=1)
+    prompt_sup_np = sup & region
+    n_prompt_sup = int(np.count_nonzero(prompt_sup_np))
+    # the counts and masks below are read only by the branch that uses them (fewer than 2
+    # supervised prompt tokens never report; fully supervised rows matter only without a marker)
+    n_region = int(np.count_nonzero(region)) if n_prompt_sup >= 2 else 0
+    n_sup = int(np.count_nonzero(sup_body)) if n_prompt_sup >= 2 else 0
+    fully_supervised = None
+    if method == "response marker" and marker is None:
+        fully_supervised = torch.from_numpy(has_sup & ~(body & ~sup).any(axis=1))
+    has_sup = torch.from_numpy(has_sup)
+    prompt_sup = torch.from_numpy(prompt_sup_np)
     evidence = {"method": method, "marker": marker}
     if n_region and n_prompt_sup >= 2 and n_prompt_sup / n_region >= MIN_SHARE:
         rows = prompt_sup.any(dim=1)

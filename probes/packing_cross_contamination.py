@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sftdoctor.findings import Finding
 
-from ._common import MAX_LISTED, document_starts, rows_of
+from ._common import MAX_LISTED, document_starts, may_have_document_starts, rows_of
 
 id = "packing-cross-contamination"
 level = "batch"
@@ -22,6 +22,8 @@ def check(ctx) -> list[Finding]:
     varlen = sorted(VARLEN_KEYS & set(b.extra_keys))
     if varlen:
         return []  # the attention is told where documents end
+    if not may_have_document_starts(ctx):
+        return []  # one document per row
     starts = document_starts(ctx)
     if b.position_ids is not None:
         # a start the position ids mark (restart at 0) is isolated by varlen-aware attention

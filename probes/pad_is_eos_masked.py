@@ -6,7 +6,7 @@ from sftdoctor.context import IGNORE_INDEX
 from sftdoctor.findings import Finding
 from sftdoctor.tokens import TokenClass
 
-from ._common import id_mask, rows_of, token_ref
+from ._common import arrays, eos_mask, labeled_mask, rows_of, token_ref
 
 id = "pad-is-eos-masked"
 level = "batch"
@@ -23,12 +23,13 @@ def masked_real_eos(ctx):
     whose label is -100 while the token before them is supervised: the answer's own EOS, masked."""
     b, tok = ctx.batch, ctx.tokenizer
     eos_here = (ctx.token_classes == int(TokenClass.EOS)) & (b.input_ids == tok.pad_id)
-    unsupervised = b.labels == IGNORE_INDEX
-    prev_supervised = (b.labels != IGNORE_INDEX).roll(1, dims=1)
+    labeled = labeled_mask(ctx)
+    unsupervised = ~labeled
+    prev_supervised = labeled.roll(1, dims=1)
     prev_supervised[:, 0] = False
     # the answer already ended with a supervised end token (e.g. <|im_end|>, pad <|endoftext|> after it):
     # the pad id that follows is padding, not the answer's EOS
-    prev_end = id_mask(b.input_ids, tok.eos_ids).roll(1, dims=1)
+    prev_end = eos_mask(ctx).roll(1, dims=1)
     prev_end[:, 0] = False
     prev_supervised &= ~prev_end
     return eos_here & unsupervised & prev_supervised, eos_here & prev_supervised
@@ -37,6 +38,11 @@ def masked_real_eos(ctx):
 def check(ctx) -> list[Finding]:
     tok = ctx.tokenizer
     if not tok.pad_is_eos:
+        return []
+    a = arrays(ctx)
+    # quick screen, the same condition as masked_real_eos's first result, on numpy views
+    eos_here = (a.classes[:, 1:] == int(TokenClass.EOS)) & (a.ids[:, 1:] == tok.pad_id)
+    if not (eos_here & ~a.labeled[:, 1:] & a.labeled[:, :-1] & ~a.eos[:, :-1]).any():
         return []
     masked, ends = masked_real_eos(ctx)
     n_masked, n_ends = int(masked.sum()), int(ends.sum())

@@ -7,7 +7,7 @@ from sftdoctor.findings import Finding
 from sftdoctor.tokens import TokenClass
 
 from ._dataset import DatasetRule
-from ._common import MAX_LISTED, first_index, rows_of
+from ._common import MAX_LISTED, arrays, first_index, rows_of
 
 id = "padding-side-left-train"
 level = "batch"
@@ -19,6 +19,9 @@ dataset = DatasetRule(what="are left-padded without matching position_ids")
 
 
 def check(ctx) -> list[Finding]:
+    real = arrays(ctx).real
+    if not (~real[:, 0] & real.any(axis=1)).any():
+        return []  # no row starts with padding (the `left` rows below)
     b = ctx.batch
     pad = ctx.token_classes == int(TokenClass.PAD)
     left = pad[:, 0] & ~pad.all(dim=1)  # rows whose padding sits at the start

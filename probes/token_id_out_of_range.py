@@ -9,7 +9,7 @@ from __future__ import annotations
 from sftdoctor.context import IGNORE_INDEX
 from sftdoctor.findings import Finding
 
-from ._common import rows_of, token_ref
+from ._common import arrays, rows_of, token_ref
 from ._dataset import DatasetRule
 
 id = "token-id-out-of-range"
@@ -31,6 +31,11 @@ def check(ctx) -> list[Finding]:
     rows_limit = model.embedding_rows if model is not None and model.embedding_rows else None
     vocab_len = tok.vocab_len if tok is not None and tok.vocab_len else None
     limit = rows_limit or vocab_len
+    a = arrays(ctx)
+    if ids.numel() and a.ids.min() >= 0 and (limit is None or a.ids.max() < limit) and (
+            a.labels is None or (not ((a.labels < 0) & (a.labels != IGNORE_INDEX)).any()
+                                 and (limit is None or a.labels.max() < limit))):
+        return []  # every id and label is in range (the counts below would be 0)
     bad_ids = ids < 0
     bad_labels = None
     if labels is not None:

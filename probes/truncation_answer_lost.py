@@ -2,11 +2,12 @@
 no `#### N` line to learn the final answer format."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sftdoctor.findings import Finding
 
-from ._common import id_mask, length_limit, rows_at_limit, rows_of, supervised_mask
+from ._common import arrays, eos_mask, length_limit, rows_at_limit, rows_of, supervised_mask
 from ._dataset import DatasetRule, by_rate
 
 id = "truncation-answer-lost"
@@ -44,23 +45,63 @@ def _supervised_texts(ctx, sup) -> list[str] | None:
     return [tok.decode(ids[r][sup[r]].tolist()) if bool(sup[r].any()) else "" for r in range(ids.shape[0])]
 
 
+def _marker_tokens(tok, marker: str) -> list[list[int]]:
+    """Token sequences of the marker (alone, after a space, after a newline) whose decoded text holds
+    the marker, also twice when repeated (decoding concatenates them), once per tokenizer."""
+    cache = tok.__dict__.setdefault("_answer_marker_tokens", {})
+    if marker not in cache:
+        seqs = []
+        try:
+            nl = tok.encode("\n")
+            for text in (marker, " " + marker, "\n" + marker):
+                seq = list(tok.encode(text))
+                if text.startswith("\n") and seq[:len(nl)] == nl:
+                    seq = seq[len(nl):]
+                if seq and seq not in seqs and marker in tok.decode(seq) and tok.decode(seq + seq).count(marker) >= 2:
+                    seqs.append(seq)
+        except Exception:
+            seqs = []
+        cache[marker] = seqs
+    return cache[marker]
+
+
+def _marker_shown(ids: np.ndarray, sup: np.ndarray, seqs: list[list[int]]) -> bool:
+    """One row (numpy views): a marker token sequence sits on consecutive supervised positions, so
+    the decoded supervised text surely holds the marker (False proves nothing: the caller decodes)."""
+    T = len(ids)
+    for seq in seqs:
+        n = T - len(seq) + 1
+        if n <= 0:
+            continue
+        at = (ids[:n] == seq[0]) & sup[:n]
+        for j in range(1, len(seq)):
+            at &= (ids[j:j + n] == seq[j]) & sup[j:j + n]
+        if at.any():
+            return True
+    return False
+
+
 def check(ctx) -> list[Finding]:
     b, tok = ctx.batch, ctx.tokenizer
+    marker = ctx.hints.get("answer_marker") or ANSWER_MARKER
+    if tok.decode is not None:
+        # Fast exit (same result as below): when every supervised row at the limit still has its
+        # EOS and its answer line, no row lost anything; only those rows are looked at (numpy
+        # views), and one is decoded only when the marker's tokens are not plainly in it.
+        a = arrays(ctx)
+        candidates = np.flatnonzero(rows_at_limit(ctx).numpy() & a.sup.any(axis=1)).tolist()
+        eos = a.eos if tok.eos_ids else None
+        seqs = _marker_tokens(tok, marker) if tok.encode is not None else []
+        if all((eos is None or bool((a.sup[r] & eos[r]).any()))
+               and (_marker_shown(a.ids[r], a.sup[r], seqs) or marker in tok.decode(a.ids[r][a.sup[r]].tolist()))
+               for r in candidates):
+            return []
     at_limit = rows_at_limit(ctx)
     if not bool(at_limit.any()):
         return []
     sup = supervised_mask(ctx)
-    eos_missing = ~(sup & id_mask(b.input_ids, tok.eos_ids)).any(dim=1) if tok.eos_ids else None
-    marker = ctx.hints.get("answer_marker") or ANSWER_MARKER
+    eos_missing = ~(sup & eos_mask(ctx)).any(dim=1) if tok.eos_ids else None
     marker_missing = None
-    if tok.decode is not None:
-        # Fast exit (same result as below): when every row at the limit still has its EOS and its
-        # answer line, no row lost anything; decoding only those rows saves decoding the batch.
-        candidates = (at_limit & sup.any(dim=1)).nonzero().flatten().tolist()
-        ids = b.input_ids
-        if all((eos_missing is None or not bool(eos_missing[r])) and marker in tok.decode(ids[r][sup[r]].tolist())
-               for r in candidates):
-            return []
     texts = _supervised_texts(ctx, sup)
     if texts is not None and any(marker in t for t in texts):  # the data has a final-answer line
         marker_missing = torch.tensor([marker not in t for t in texts])

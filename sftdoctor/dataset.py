@@ -71,8 +71,8 @@ def _histogram(counts: np.ndarray, bins: int = 40) -> dict[str, list] | None:
     return {"edges": edges[:len(folded) + 1], "counts": [int(c) for c in folded]}
 
 
-def _grow_add(counts: np.ndarray, values: torch.Tensor) -> np.ndarray:
-    add = np.bincount(values.numpy(), minlength=len(counts))
+def _grow_add(counts: np.ndarray, values: np.ndarray) -> np.ndarray:
+    add = np.bincount(values, minlength=len(counts))
     if len(add) > len(counts):
         counts = np.concatenate([counts, np.zeros(len(add) - len(counts), dtype=np.int64)])
     counts[:len(add)] += add
@@ -97,18 +97,18 @@ class RowStats:
         self._hash_rows: list[np.ndarray] = []
         self.hashed = 0
 
-    def add(self, ctx: ProbeContext, rows: torch.Tensor) -> dict[str, list]:
-        """Fold one batch in; return its per-row statistics (lists indexed by position in the batch)."""
-        b = ctx.batch
-        ids = b.input_ids
+    def add(self, ctx: ProbeContext, rows: np.ndarray) -> dict[str, list]:
+        """Fold one batch in; return its per-row statistics (lists indexed by position in the batch).
+        Computed on numpy views of the batch and of the masks the probes shared (no copies)."""
+        from sftdoctor.probes._common import arrays
+
+        a = arrays(ctx)  # the numpy views the probes shared
+        ids, classes, real, labeled = a.ids, a.classes, a.real, a.labeled
         B, T = ids.shape
-        classes = ctx.token_classes
-        real = classes != int(TokenClass.PAD)
-        length = real.sum(dim=1)
-        sup = (b.labels != IGNORE_INDEX) & real if b.labels is not None else torch.zeros_like(real)
-        n_sup = sup.sum(dim=1)
-        eos = classes == int(TokenClass.EOS)
-        has_eos = (sup & eos).any(dim=1)
+        length = real.sum(axis=1)
+        sup = a.sup if labeled is not None else np.zeros_like(real)
+        n_sup = sup.sum(axis=1)
+        has_eos = (sup & (classes == int(TokenClass.EOS))).any(axis=1)
         self.rows += B
         self.batches += 1
         self.positions += B * T
@@ -116,14 +116,17 @@ class RowStats:
         self.pad_positions += B * T - n_real
         self.real_tokens += n_real
         self.supervised_tokens += int(n_sup.sum())
-        self.rows_no_supervised += int((n_sup == 0).sum())
-        self.rows_supervised += int((n_sup > 0).sum())
-        self.rows_with_eos += int(has_eos.sum())
+        n_none = int(np.count_nonzero(n_sup == 0))
+        self.rows_no_supervised += n_none
+        self.rows_supervised += B - n_none
+        self.rows_with_eos += int(np.count_nonzero(has_eos))
         self.len_counts = _grow_add(self.len_counts, length)
         self.sup_counts = _grow_add(self.sup_counts, n_sup)
         C = len(TokenClass)
-        code = classes.long() * 2 + ((b.labels != IGNORE_INDEX).long() if b.labels is not None else 0)
-        both = np.bincount(code.flatten().numpy(), minlength=2 * C)[:2 * C].reshape(C, 2)  # one pass: class x supervised
+        code = classes.astype(np.int64) * 2
+        if labeled is not None:
+            code += labeled
+        both = np.bincount(code.ravel(), minlength=2 * C)[:2 * C].reshape(C, 2)  # one pass: class x supervised
         self.class_tokens += both.sum(axis=1)
         self.class_supervised += both[:, 1]
         share = 1 - n_real / max(B * T, 1)
@@ -135,18 +138,20 @@ class RowStats:
             self._hash(ids, real, length, rows)
         return {"length": length.tolist(), "supervised": n_sup.tolist(), "eos": has_eos.tolist()}
 
-    def _hash(self, ids: torch.Tensor, real: torch.Tensor, length: torch.Tensor, rows: torch.Tensor) -> None:
+    def _hash(self, ids: np.ndarray, real: np.ndarray, length: np.ndarray, rows: np.ndarray) -> None:
         """A 64-bit hash of each row's real token ids, aligned at its first real token (so left and
         right padding of the same text hash alike); one vectorised pass, int64 arithmetic wraps."""
         B, T = ids.shape
-        first = real.int().argmax(dim=1, keepdim=True)
-        pos = (torch.arange(T).unsqueeze(0) - first).clamp(min=0)
-        mixed = (ids + 1) * -7046029254386353131  # a 64-bit odd constant: spreads small ids over all bits
-        mixed = mixed ^ (mixed >> 29)
-        h = torch.where(real, mixed * _coefficients(T)[pos], torch.zeros_like(mixed)).sum(dim=1)
-        h = h ^ (length * 0x2545F4914F6CDD1D)
-        self._hashes.append(h.numpy().copy())
-        self._hash_rows.append(rows.numpy().astype(np.int64, copy=True))
+        first = real.argmax(axis=1)[:, None]  # 0 for a row with no real token
+        coef = _coefficients(T).numpy()
+        if first.any():  # some row starts after padding: each row's coefficients from its first real token
+            coef = coef[np.maximum(np.arange(T)[None, :] - first, 0)]
+        mixed = (ids + 1) * np.int64(-7046029254386353131)  # a 64-bit odd constant: spreads small ids over all bits
+        mixed ^= mixed >> 29
+        h = np.where(real, mixed * coef, 0).sum(axis=1)
+        h ^= length * np.int64(0x2545F4914F6CDD1D)
+        self._hashes.append(h)
+        self._hash_rows.append(rows.astype(np.int64, copy=True))
         self.hashed += B
         if len(self._hashes) >= 256:  # one array per 256 batches: 16 bytes a row, not an object per batch
             self._hashes = [np.concatenate(self._hashes)]
@@ -222,6 +227,7 @@ class DatasetInspector:
         self.ignore = set(ignore)
         self.command = command
         self.probes = list(BATCH if probes is None else probes)
+        self._rules = {p.id: p.dataset for p in self.probes}
         self.tallies: dict[str, Any] = {}
         self.checks: dict[str, _Check] = {}
         self.stats = RowStats()
@@ -248,22 +254,22 @@ class DatasetInspector:
                 self.bad_batch_reasons.append(f"batch {self.stats.batches + self.bad_batches - 1}: {e}")
             return []
         B = b.input_ids.shape[0]
-        row_ids = torch.arange(self.stats.rows, self.stats.rows + B) if rows is None else torch.as_tensor(list(rows), dtype=torch.long)
-        if row_ids.numel() != B:
-            row_ids = torch.arange(self.stats.rows, self.stats.rows + B)
+        row_ids = np.arange(self.stats.rows, self.stats.rows + B) if rows is None else np.asarray(list(rows), dtype=np.int64)
+        if row_ids.size != B:
+            row_ids = np.arange(self.stats.rows, self.stats.rows + B)
         index = self.stats.batches
         ctx = ProbeContext(batch=b, tokenizer=self.tok, model=self.model, hints=self.hints, step_index=index)
         findings, checks = run_probes(ctx, self.probes, ignore=self.ignore)
         per_row = self.stats.add(ctx, row_ids)
         rows_list = row_ids.tolist()
         for c in checks:
-            st = self.checks.setdefault(c.id, _Check())
+            st = self.checks.get(c.id) or self.checks.setdefault(c.id, _Check())
             if c.status == "skipped":
                 st.reason = st.reason or c.reason
             else:
                 st.ran += 1
         changed = False
-        rules = {p.id: p.dataset for p in self.probes}
+        rules = self._rules
         for f in findings:
             tally = self.tallies.get(f.id) or self.tallies.setdefault(f.id, self._Tally(f.id))
             (rules.get(f.id) or self._default).add(tally, f, rows_list, per_row, index)
