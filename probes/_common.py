@@ -208,8 +208,7 @@ def document_starts(ctx) -> torch.Tensor:
 
 def length_limit(ctx) -> int | None:
     """The max_length rows were cut to, when the recipe says (hints max_length / model_max_length)."""
-    for key in ("max_length", "model_max_length"):
-        v = ctx.hints.get(key)
+    for v in (ctx.hints.max_length, ctx.hints.model_max_length):
         if isinstance(v, int) and 0 < v < 1_000_000:
             return v
     return None

@@ -1,10 +1,10 @@
 """Completion-only SFT supervises the answer, not the prompt. Supervised prompt tokens spend the
 loss on the question (weaker fine-tune, models that echo prompts).
 
-The prompt/response boundary comes from hints["prompt_lengths"] (per row, the number of prompt
+The prompt/response boundary comes from hints.prompt_lengths (per row, the number of prompt
 tokens from the row's first real token) when an adapter knows it;
 otherwise from a response marker found in the row (the chat template's assistant header,
-hints["response_template"], or a text marker such as "Answer:" / "### Response:"); otherwise,
+hints.response_template, or a text marker such as "Answer:" / "### Response:"); otherwise,
 rows whose labels copy every input id are reported as "no completion-only masking"."""
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def markers(ctx) -> list[tuple[str, list[int]]]:
     if tok is None or tok.encode is None:
         return []
     texts = []
-    given = ctx.hints.get("response_template")
+    given = ctx.hints.response_template
     if isinstance(given, (list, tuple)) and all(isinstance(i, int) for i in given):
         return [(str(given), list(given))]
     key = (tok.chat_template, tok.class_name, tok.name_or_path, tok.vocab_len, given if isinstance(given, str) else None)
@@ -107,7 +107,7 @@ def _prompt_region(ctx, real: np.ndarray, first_real: np.ndarray) -> tuple[np.nd
     Arrays are numpy views of the batch's masks (one small numpy op costs a fraction of a torch op)."""
     B, T = real.shape
     pos = np.arange(T)[None, :]
-    lengths = ctx.hints.get("prompt_lengths")
+    lengths = ctx.hints.prompt_lengths
     if lengths is not None and len(lengths) == B:
         end = np.maximum(first_real, 0) + torch.as_tensor(list(lengths), dtype=torch.long).numpy()
         return pos < end[:, None], "prompt_lengths hint", None
@@ -228,7 +228,7 @@ def check(ctx) -> list[Finding]:
                    "if these rows have a prompt it is trained on")
     else:
         return []
-    on_purpose = bool(ctx.hints.get("prompt_supervised_on_purpose"))
+    on_purpose = bool(ctx.hints.prompt_supervised_on_purpose)
     return [Finding(
         id=id, severity="info" if on_purpose else "warn", level=level,
         message=message + (" (on purpose, per the recipe)" if on_purpose else ""),

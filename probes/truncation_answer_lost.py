@@ -19,7 +19,7 @@ priority = 18
 cause = "Truncation cut the answers off: the model is trained on rows without their ends."
 remedy = "truncation"
 
-ANSWER_MARKER = "####"  # GSM8K's final-answer line; override with hints["answer_marker"]
+ANSWER_MARKER = "####"  # GSM8K's final-answer line; override with hints.answer_marker
 FAIL_SHARE = 0.1  # at least this share of the batch's rows lost their answer: fail, else warn
 
 
@@ -83,7 +83,7 @@ def _marker_shown(ids: np.ndarray, sup: np.ndarray, seqs: list[list[int]]) -> bo
 
 def check(ctx) -> list[Finding]:
     b, tok = ctx.batch, ctx.tokenizer
-    marker = ctx.hints.get("answer_marker") or ANSWER_MARKER
+    marker = ctx.hints.answer_marker or ANSWER_MARKER
     if tok.decode is not None:
         # Fast exit (same result as below): when every supervised row at the limit still has its
         # EOS and its answer line, no row lost anything; only those rows are looked at (numpy

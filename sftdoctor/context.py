@@ -297,11 +297,6 @@ class Hints:
             raise UserError(f"unknown hint {unknown[0]!r}; hints are: {', '.join(sorted(known))}")
         return cls(**dict(value))
 
-    def get(self, name: str, default: Any = None) -> Any:
-        """A hint by name; an unknown name is a bug in the caller (AttributeError), never None."""
-        value = getattr(self, name)
-        return default if value is None else value
-
 
 # What a probe may declare in `needs` (checked when the registry loads, sftdoctor.engine). The
 # step-level parts are present when the observer saw them in this step (ProbeContext.observed).

@@ -20,11 +20,15 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
-from .context import IGNORE_INDEX, Batch, ModelInfo, ProbeContext, TokenizerInfo
-from .engine import run_probes
+from .context import Batch, Hints, ModelInfo, ProbeContext, TokenizerInfo
+from .engine import Registry
 from .errors import UserError
 from .findings import CheckResult, Finding
+from .probes import REGISTRY
+from .probes._common import arrays
+from .probes._dataset import DEFAULT, Tally
 from .report import Report
+from .session import Session
 from .tokens import TokenClass
 
 DUP_CAP_ROWS = 5_000_000  # rows hashed for exact-duplicate detection (16 bytes each); later rows are not
@@ -100,7 +104,6 @@ class RowStats:
     def add(self, ctx: ProbeContext, rows: np.ndarray) -> dict[str, list]:
         """Fold one batch in; return its per-row statistics (lists indexed by position in the batch).
         Computed on numpy views of the batch and of the masks the probes shared (no copies)."""
-        from sftdoctor.probes._common import arrays
 
         a = arrays(ctx)  # the numpy views the probes shared
         ids, classes, real, labeled = a.ids, a.classes, a.real, a.labeled
@@ -211,11 +214,8 @@ class DatasetInspector:
     """Runs the batch probes on every batch it is given and aggregates them over the dataset."""
 
     def __init__(self, tokenizer: Any = None, model: Any = None, *, hints: Mapping[str, Any] | None = None,
-                 ignore: Iterable[str] = (), command: str = "inspect-batch", probes: list | None = None) -> None:
-        from sftdoctor.probes import BATCH
-        from sftdoctor.probes._dataset import DEFAULT, Tally
-
-        self._Tally, self._default = Tally, DEFAULT
+                 ignore: Iterable[str] = (), command: str = "inspect-batch", only: Iterable[str] | None = None,
+                 registry: Registry = REGISTRY) -> None:
         self.tok = tokenizer if isinstance(tokenizer, TokenizerInfo) or tokenizer is None else TokenizerInfo.from_tokenizer(tokenizer)
         if isinstance(model, ModelInfo) or model is None:
             self.model = model
@@ -223,10 +223,10 @@ class DatasetInspector:
             self.model = ModelInfo.from_model(model)
         else:
             self.model = ModelInfo.from_config(model)
-        self.hints = dict(hints or {})
-        self.ignore = set(ignore)
-        self.command = command
-        self.probes = list(BATCH if probes is None else probes)
+        self.hints = Hints.of(hints)
+        self.session = Session(command, registry, ignore=ignore)  # runs the probes; writes the report
+        self.only = None if only is None else frozenset(only)  # the batch checks to run (None: all)
+        self.probes = [p for p in registry.at("batch") if self.only is None or self.only & set(p.ids)]
         self._rules = {p.id: p.dataset for p in self.probes}
         self.tallies: dict[str, Any] = {}
         self.checks: dict[str, _Check] = {}
@@ -259,7 +259,7 @@ class DatasetInspector:
             row_ids = np.arange(self.stats.rows, self.stats.rows + B)
         index = self.stats.batches
         ctx = ProbeContext(batch=b, tokenizer=self.tok, model=self.model, hints=self.hints, step_index=index)
-        findings, checks = run_probes(ctx, self.probes, ignore=self.ignore)
+        findings, checks = self.session.evaluate(ctx, "batch", only=self.only)  # aggregated below, recorded in report()
         per_row = self.stats.add(ctx, row_ids)
         rows_list = row_ids.tolist()
         for c in checks:
@@ -271,8 +271,8 @@ class DatasetInspector:
         changed = False
         rules = self._rules
         for f in findings:
-            tally = self.tallies.get(f.id) or self.tallies.setdefault(f.id, self._Tally(f.id))
-            (rules.get(f.id) or self._default).add(tally, f, rows_list, per_row, index)
+            tally = self.tallies.get(f.id) or self.tallies.setdefault(f.id, Tally(f.id))
+            (rules.get(f.id) or DEFAULT).add(tally, f, rows_list, per_row, index)
             changed = True
         if changed:
             self._keep_samples(ctx, index, rows_list)
@@ -307,20 +307,18 @@ class DatasetInspector:
             for fid in probe.ids:
                 st = self.checks.get(fid, _Check())
                 tally = self.tallies.get(fid)
-                if tally is not None and fid not in self.ignore:
+                if tally is not None and fid not in self.session.ignore:
                     tally.rows_total, tally.batches_total = self.stats.rows, self.stats.batches
-                    f = (probe.dataset or self._default).finding(tally, fid)
+                    f = (probe.dataset or DEFAULT).finding(tally, fid)
                     findings.append(f)
                     checks.append(CheckResult(fid, f.severity if f.severity != "info" else "pass", None, "dataset"))
                 elif st.ran:
                     checks.append(CheckResult(fid, "pass", None, "dataset"))
                 else:
                     checks.append(CheckResult(fid, "skipped", st.reason or "no batch was checked", "dataset"))
-        from sftdoctor.probes import DATASET
-
         summary = self.summary()
         ctx = ProbeContext(tokenizer=self.tok, model=self.model, hints=self.hints, dataset=summary)
-        more, more_checks = run_probes(ctx, DATASET, ignore=self.ignore)
+        more, more_checks = self.session.evaluate(ctx, "dataset")
         return findings + more, checks + more_checks
 
     def summary(self) -> dict[str, Any]:
@@ -332,15 +330,12 @@ class DatasetInspector:
                  bad_batches=self.bad_batches, bad_batch_reasons=self.bad_batch_reasons)
         return s
 
-    def report(self, *, environment: dict[str, Any] | None = None) -> Report:
-        from .api import environment as env
-
-        report = Report(command=self.command, environment=environment if environment is not None else env())
-        findings, checks = self.findings()
-        report.add(findings)
-        report.record_checks(checks)
+    def report(self) -> Report:
+        """The session's report with every dataset-level finding (call once, at the end)."""
+        report = self.session.report
+        self.session.record(*self.findings())
         summary = self.summary()
-        summary["max_length"] = self.hints.get("max_length")
+        summary["max_length"] = self.hints.max_length
         report.metrics["dataset"] = summary
         report.metrics["token_classes"] = self.stats.class_table()
         if self.tok is not None:
@@ -350,7 +345,7 @@ class DatasetInspector:
         report.run.update(self.run)
         report.run.setdefault("rows_checked", self.stats.rows)
         report.run.setdefault("batches_checked", self.stats.batches)
-        return report
+        return self.session.finish()
 
     def worst_rows(self, report: Report) -> list[dict[str, Any]]:
         """Token views of the worst example row of each finding, most severe finding first."""
@@ -395,11 +390,10 @@ class BatchStream:
     """What `watch` runs on every training forward it sees: the cheap batch probes on the batch
     the model got, aggregated over the run (so a defect first seen in batch 900 is named)."""
 
-    def __init__(self, tokenizer: Any, model: Any, *, hints: Mapping[str, Any] | None = None, ignore: Iterable[str] = ()):
-        from sftdoctor.probes import BATCH
-
-        self.inspector = DatasetInspector(tokenizer, model, hints=hints, ignore=ignore, command="watch",
-                                          probes=[p for p in BATCH if p.id in CHEAP_PROBES])
+    def __init__(self, tokenizer: Any, model: Any, *, hints: Mapping[str, Any] | None = None, ignore: Iterable[str] = (),
+                 registry: Registry = REGISTRY):
+        self.inspector = DatasetInspector(tokenizer, model, hints=hints, ignore=ignore, command="watch", only=CHEAP_PROBES,
+                                          registry=registry)
 
     def observe(self, batch: Mapping[str, Any]) -> None:
         ids = batch.get("input_ids")
@@ -408,20 +402,21 @@ class BatchStream:
         fields = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape == ids.shape}
         self.inspector.add(fields)
 
-    def merge_into(self, report: Report, rank: int | None = None) -> None:
-        """Add the run's dataset-level findings: a new id is added; an id the first batch already
-        showed is replaced by its dataset-level count when later batches had it too."""
+    def merge_into(self, session: Session) -> None:
+        """Add the run's dataset-level findings to the run's session: a new id is added; an id the
+        first batch already showed is replaced by its dataset-level count when later batches had it too."""
         ins = self.inspector
         if ins.stats.batches == 0:
             return
         findings, checks = ins.findings()
+        report = session.report
         for f in findings:
-            f.rank = rank
+            f.rank = session.rank
             old = next((x for x in report.findings if x.id == f.id), None)
             if old is None:
-                report.add([f])
+                session.record([f], [])
             elif f.evidence.get("batches_affected", 0) > 1 or f.evidence.get("first_batch", {}).get("batch", 0) > 0:
                 f.rank = old.rank
-                report.findings[report.findings.index(old)] = f
-        report.record_checks(checks)
+                session.replace(old, f)
+        session.record([], checks)
         report.metrics["dataset"] = ins.summary()

@@ -73,6 +73,11 @@ class Session:
         self.report.record_checks(checks)
         return self.report.add(findings)
 
+    def replace(self, old: Finding, new: Finding) -> None:
+        """One finding stands for another of the same id (a dataset-level count for the first batch's)."""
+        findings = self.report.findings
+        findings[findings.index(old)] = new
+
     def skip(self, level: str, reason: str) -> None:
         """Every check of `level` did not run, for `reason` (said in every renderer)."""
         self.report.record_checks(CheckResult(i, "skipped", reason, p.level) for p in self.registry.at(level) for i in p.ids)

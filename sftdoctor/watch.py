@@ -498,7 +498,7 @@ class Watcher:
         for trainer in self._trainers:
             close_progress_bars(trainer)
         if self._batches is not None:
-            self._batches.merge_into(self.report, self.rank)
+            self._batches.merge_into(self.session)
         self.report.metrics["optimizer_steps"] = max(self.optimizer_steps, self.report.metrics.get("optimizer_steps") or 0)
         if not self._batch_done:
             self.report.run["note"] = "no training forward of a causal LM was seen"
