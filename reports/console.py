@@ -11,7 +11,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from sftdoctor.constants import CLASS_NAMES
+from sftdoctor.constants import CLASS_NAMES, IGNORE_INDEX
 from sftdoctor.report import Report
 
 SEVERITY_STYLE = {"fail": "bold red", "warn": "yellow", "info": "cyan"}
@@ -224,11 +224,11 @@ def row_text(row: dict[str, Any]) -> Text:
 
 
 def _sup(labels, k) -> bool:
-    return labels is not None and labels[k] != -100
+    return labels is not None and labels[k] != IGNORE_INDEX
 
 
 def _odd(labels, ids, k) -> bool:
-    return labels is not None and labels[k] != -100 and labels[k] != ids[k]
+    return labels is not None and labels[k] != IGNORE_INDEX and labels[k] != ids[k]
 
 
 def _token(t: Text, row: dict[str, Any], k: int) -> None:

@@ -59,8 +59,12 @@ def summary_rows(report: Report) -> list[tuple[str, str]]:
                                        f"{_pct((d.get('pad_share') or {}).get('max'))} (batch {_n((d.get('pad_share') or {}).get('max_batch'))})"),
         ("exact-duplicate rows", f"{_n(dup.get('rows_repeated', 0))}" + ("" if dup.get("complete", True) else f" (first {_n(dup.get('rows_hashed'))} rows hashed)")),
     ]
-    if d.get("rows_per_s"):
-        out.append(("speed", f"{_n(int(d['rows_per_s']))} rows/s overall; checks alone {_n(int(d.get('check_rows_per_s') or 0))} rows/s"))
+    checks_alone = f"checks alone {_n(int(d.get('check_rows_per_s') or 0))} rows/s"
+    if report.command == "watch":  # the rows came at training speed: only the checks' own speed says anything
+        if d.get("check_rows_per_s"):
+            out.append(("speed", checks_alone))
+    elif d.get("rows_per_s"):
+        out.append(("speed", f"{_n(int(d['rows_per_s']))} rows/s overall; {checks_alone}"))
     if d.get("bad_batches"):
         out.append(("batches not checked", f"{_n(d['bad_batches'])}: " + "; ".join(d.get("bad_batch_reasons") or [])))
     return out

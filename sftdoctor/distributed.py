@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .probes import REGISTRY
 from .report import Report
+from .session import Session
 
 # how long rank 0 waits for a rank that is still running its script (ranks of one DDP job end together)
 WAIT_SECONDS = float(os.environ.get("SFTDOCTOR_RANK_WAIT", "120"))
@@ -420,10 +422,11 @@ def merge(reports: list[dict[str, Any] | None], world: int, *, stop: dict[str, A
     the first failing rank's (the root cause; the others' errors are usually its consequence) and
     run["failed_rank"] names it."""
     parts = [Report.from_dict(d) if d else None for d in reports]
-    base = parts[0] if parts and parts[0] is not None else Report(command="watch")
+    session = Session.reopen(parts[0], REGISTRY) if parts and parts[0] is not None else Session("watch", REGISTRY)
+    base = session.report
     for other in parts[1:]:
         if other is not None:
-            base.merge(other)
+            session.merge(other)
     ranks = [_rank_entry(r, d, waited) for r, d in enumerate(reports)]
     base.run["world_size"] = world
     base.run["ranks"] = ranks
@@ -446,7 +449,7 @@ def merge(reports: list[dict[str, Any] | None], world: int, *, stop: dict[str, A
     elif missing:
         base.run["status"] = "incomplete"
         base.run["error"] = {"type": "RankMissing", "message": ranks[missing[0]]["note"]}
-    return base
+    return session.finish()  # the root causes of the whole job, ranked once over every rank's findings
 
 
 def _job_loss(base: Report, reports: list[dict[str, Any] | None]) -> None:

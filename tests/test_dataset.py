@@ -321,3 +321,16 @@ def test_partial_report_says_so(tok):
     from sftdoctor.reports.dataset_view import coverage_line
 
     assert coverage_line(report).startswith("PARTIAL: 16 of 40 rows checked")
+
+
+def test_speed_line_says_only_what_the_rows_measure():
+    """inspect-batch draws rows as fast as it can (rows/s overall means something); under watch the
+    rows come at training speed, so only the checks' own speed is shown."""
+    from sftdoctor.report import Report
+    from sftdoctor.reports.dataset_view import summary_rows
+
+    dataset = {"rows": 400, "batches": 50, "rows_per_s": 0.4, "check_rows_per_s": 9000.0}
+    speed = {cmd: dict(summary_rows(Report(command=cmd, metrics={"dataset": dict(dataset)}))).get("speed")
+             for cmd in ("watch", "inspect-batch")}
+    assert speed["watch"] == "checks alone 9,000 rows/s"
+    assert speed["inspect-batch"].startswith("0 rows/s overall") and "9,000" in speed["inspect-batch"]

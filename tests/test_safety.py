@@ -129,7 +129,7 @@ def test_a_read_only_output_folder_is_refused_before_any_work(tmp_path, capsys, 
 def test_a_late_write_failure_prints_the_report_and_keeps_a_fallback_copy(tmp_path, run_json, capsys, monkeypatch, err):
     import tempfile
 
-    from sftdoctor.reports import html
+    from sftdoctor.cli import common
 
     fallback = tmp_path / "fallback"
     fallback.mkdir()
@@ -138,7 +138,7 @@ def test_a_late_write_failure_prints_the_report_and_keeps_a_fallback_copy(tmp_pa
     def full(*a, **k):
         raise OSError(err, os.strerror(err))
 
-    monkeypatch.setattr(html, "write_html", full)
+    monkeypatch.setattr(common, "write_atomic", full)  # every report file the CLI writes goes through it
     code = main(["report", str(run_json), "--html", str(tmp_path / "out.html")])
     out, errtext = capsys.readouterr()
     assert code == 2 and "Traceback" not in errtext

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..constants import IGNORE_INDEX
 from ..context import ProbeContext
 from ..findings import Finding
 from ..session import Session
@@ -56,7 +57,7 @@ def step_logger_class():
 
         def seen(self, ids: list[int], inputs: dict) -> None:
             self.ids += ids
-            self.supervised += int((inputs["labels"] != -100).sum())
+            self.supervised += int((inputs["labels"] != IGNORE_INDEX).sum())
             self.tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
             if self.step_started is None:
                 self.step_started = time.perf_counter()
