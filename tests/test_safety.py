@@ -152,6 +152,8 @@ def test_a_late_write_failure_prints_the_report_and_keeps_a_fallback_copy(tmp_pa
 def test_train_report_write_failure_is_one_line_with_a_fallback(tmp_path, monkeypatch):
     import tempfile
 
+    from sftdoctor.probes import REGISTRY
+    from sftdoctor.session import Session
     from sftdoctor.train import trainer
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
@@ -161,7 +163,7 @@ def test_train_report_write_failure_is_one_line_with_a_fallback(tmp_path, monkey
 
     monkeypatch.setattr(Report, "save", full)
     report = small_report()
-    trainer._write_report(report, tmp_path / "run")
+    trainer._write_report(Session.reopen(report, REGISTRY), tmp_path / "run")
     assert "No space left on device" in report.run["report_write_error"]
     assert Path(report.run["report_file"]).parent == tmp_path and Path(report.run["report_file"]).is_file()
 

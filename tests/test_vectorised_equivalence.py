@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from sftdoctor.context import IGNORE_INDEX, Batch, TokenizerInfo
+from sftdoctor.context import Batch, Hints, IGNORE_INDEX, TokenizerInfo
 from sftdoctor.probes._common import find_sequence, first_index
 from sftdoctor.tokens import TokenClass, _pad_mask_rows, classify, id_mask
 
@@ -50,7 +50,7 @@ def test_sparse_marker_match_equals_a_full_scan(monkeypatch):
     class Ctx:
         def __init__(self, ids):
             self.batch = Batch(input_ids=ids)
-            self.hints, self.tokenizer = {}, None
+            self.hints, self.tokenizer = Hints(), None
 
     def reference(ids, real, found):
         ends, text = torch.full((ids.shape[0],), -1, dtype=torch.long), None
