@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .findings import Finding  # the type the two `watch` entry points return; probes build them
 
 FP16_MAX = 65504.0  # largest finite float16; anything above becomes inf when cast
 DTYPE_LIMITS = {"float16": FP16_MAX, "bfloat16": float(torch.finfo(torch.bfloat16).max),

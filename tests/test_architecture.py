@@ -144,3 +144,55 @@ def test_only_a_session_runs_probes():
             if isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] == "run_probes":
                 callers.add(name)
     assert callers == {"sftdoctor.session"}
+
+
+# ---- typed contracts: a misspelt name fails loudly, never skips a probe -----------------------------------
+
+def test_every_probe_file_is_in_the_registry_and_nothing_else():
+    """A new probe is its file: the registry is exactly the probe modules in probes/ (helpers start with _)."""
+    from sftdoctor.probes import REGISTRY
+
+    files = {p.stem for p in (REPO / "probes").glob("*.py") if not p.stem.startswith("_")}
+    assert {p.check.__module__.rsplit(".", 1)[-1] for p in REGISTRY.probes} == files
+
+
+def test_a_misspelt_need_fails_when_the_registry_loads():
+    import types
+
+    import pytest
+
+    from sftdoctor.engine import Probe
+
+    mod = types.ModuleType("probe_with_a_typo")
+    mod.id, mod.level, mod.summary, mod.needs, mod.check = "x", "batch", "x", ("labelz",), lambda ctx: []
+    with pytest.raises(ValueError, match="labelz"):
+        Probe.from_module(mod)
+    mod.needs = ("labels",)
+    assert Probe.from_module(mod).needs == ("labels",)
+
+
+def test_hints_and_context_parts_are_typed():
+    import pytest
+
+    from sftdoctor.context import Hints, ProbeContext
+    from sftdoctor.errors import UserError
+
+    assert ProbeContext(hints={"max_length": 512}).hints.max_length == 512
+    with pytest.raises(UserError, match="max_lenght"):
+        ProbeContext(hints={"max_lenght": 512})
+    with pytest.raises(ValueError, match="logit_grad"):
+        ProbeContext(observed=frozenset({"logit_grad"}))
+    with pytest.raises(ValueError, match="backwards"):
+        ProbeContext(why_missing={"backwards": "no"})
+    with pytest.raises(AttributeError):
+        Hints().max_lenght  # noqa: B018 (a probe reading a renamed hint raises: the engine records a probe error)
+    assert ProbeContext(observed=frozenset({"backward"})).has("backward")
+    assert not ProbeContext().has("backward") and not ProbeContext().has("examples")
+
+
+def test_observers_measure_and_never_judge():
+    """The step observer and the checkpoint reader know no probe, no Session and no Report."""
+    g = graph()
+    judging = {"sftdoctor.session", "sftdoctor.report", "sftdoctor.probes", "sftdoctor.engine", "sftdoctor.findings"}
+    for observer in ("sftdoctor.observer", "sftdoctor.checkpoint"):
+        assert not {d for d in g[observer] if d in judging or d.startswith("sftdoctor.probes.")}, observer
