@@ -14,6 +14,9 @@ import torch
 
 from .attach import attach
 from .frames import find_in_frames
+from .patches import Patches
+from .probes import REGISTRY
+from .session import Session
 
 
 class OneStep:
@@ -23,12 +26,10 @@ class OneStep:
     def __init__(self, stop_script: type[BaseException]):
         self.stop_script = stop_script
         self.doctor: Any = None
-        self._hook = None
+        self._patches = Patches()  # the optimizer pre-hook that stops the script
         self.errors: list[str] = []
 
     def start(self, model: Any, tokenizer: Any, optimizer: Any, ignore) -> None:
-        from torch.optim.optimizer import register_optimizer_step_pre_hook
-
         try:
             self.doctor = attach(model, tokenizer, optimizer=optimizer, every=1, full_steps=1 << 30, ignore=ignore,
                                  command="inspect-batch")
@@ -39,7 +40,7 @@ class OneStep:
         def before_update(opt, args, kwargs):
             raise self.stop_script("first training step inspected (before its optimizer update)")
 
-        self._hook = register_optimizer_step_pre_hook(before_update)
+        self._patches.optimizer_hook("pre", before_update)
 
     @property
     def running(self) -> bool:
@@ -47,9 +48,7 @@ class OneStep:
 
     def finish(self, report: Any) -> None:
         """Detach, and merge what the script's own step showed into the report."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        self._patches.restore()
         if self.errors:
             report.run.setdefault("internal_errors", []).extend(self.errors)
         if self.doctor is None:
@@ -64,8 +63,9 @@ class OneStep:
         if not part.metrics.get("steps"):
             return  # the script's step never got to a backward: the synthetic step stands alone
         # the script's own step outranks the synthetic one: what its gradient shows it trained on
-        report.add(part.findings)
-        report.record_checks(part.checks)
+        session = Session.reopen(report, REGISTRY)
+        session.merge(part)
+        session.finish()  # the root causes ranked again with the own step's findings
         report.metrics["own_step"] = {"steps": part.metrics.get("steps"), "dtypes": part.metrics.get("dtypes")}
         report.run["own_step"] = True
 

@@ -149,8 +149,9 @@ def finish(report: Report, args: argparse.Namespace, *, show: bool = True) -> in
 
     Files are written before printing, so a closed stdout (`| head`) never loses the report. A
     write that fails (ENOSPC, EROFS) still prints the report, then raises one line (exit 2)."""
-    if report.root_causes is None:  # a report no Session finished (an older JSON file): rank its causes now
-        Session.reopen(report, REGISTRY).finish()
+    # the root causes as the findings stand now: a part merged after its Session finished, an older
+    # JSON file without them, or findings dropped by `report --ignore`
+    Session.reopen(report, REGISTRY).finish()
     failed = write_outputs(report, args)
     if show or failed:
         try:

@@ -27,5 +27,4 @@ def run(args) -> int:
             if c.id in ignore:
                 c.status, c.reason = "skipped", "ignored by configuration"
         report.checks += [CheckResult(i, "skipped", "ignored by configuration", None) for i in sorted(ignore - known)]
-        report.root_causes = None  # ranked again below, without the ignored findings
     return finish(report, args)
