@@ -42,17 +42,17 @@ def causes_view(report: Report) -> list[dict[str, Any]]:
     out = []
     for c in report.root_causes or []:
         family = c.get("family", "other")
-        step = c.get("step")
-        out.append(dict(c, family_label=FAMILY_LABEL.get(family, family),
-                        step=None if step is None or (c.get("level") == "batch" and not step) else step))
+        out.append(dict(c, family_label=FAMILY_LABEL.get(family, family), step=_shown(c.get("step"), c.get("level"))))
     return out
 
 
 def shown_step(f) -> int | None:
+    return _shown(f.step, f.level)
+
+
+def _shown(step: int | None, level: str | None) -> int | None:
     """The step worth printing: a batch-level finding from the first batch carries no news in it."""
-    if f.step is None or (f.level == "batch" and not f.step):
-        return None
-    return f.step
+    return None if step is None or (level == "batch" and not step) else step
 
 
 def families_line(causes: list[dict[str, Any]]) -> str:

@@ -226,7 +226,7 @@ class DatasetInspector:
         self.hints = Hints.of(hints)
         self.session = Session(command, registry, ignore=ignore)  # runs the probes; writes the report
         self.only = None if only is None else frozenset(only)  # the batch checks to run (None: all)
-        self.probes = [p for p in registry.at("batch") if self.only is None or self.only & set(p.ids)]
+        self.probes = self.session.probes("batch", self.only)
         self._rules = {p.id: p.dataset for p in self.probes}
         self.tallies: dict[str, Any] = {}
         self.checks: dict[str, _Check] = {}

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .context import ProbeContext
-from .engine import Registry, run_probes
+from .engine import Probe, Registry, run_probes
 from .findings import CheckResult, Finding
 from .report import Report
 from .constants import CLASS_NAMES, IGNORE_INDEX
@@ -48,11 +48,7 @@ class Session:
         findings (stamped with the step, rank and cause family) and checks, without recording them:
         for callers that aggregate many contexts first (the whole-dataset inspector) and then
         `record` the result."""
-        probes = self.registry.at(level)
-        if only is not None:
-            wanted = set(only)
-            probes = [p for p in probes if wanted & set(p.ids)]
-        findings, checks = run_probes(ctx, probes, ignore=self.ignore)
+        findings, checks = run_probes(ctx, self.probes(level, only), ignore=self.ignore)
         for f in findings:
             if f.step is None:
                 f.step = ctx.step_index
@@ -62,6 +58,14 @@ class Session:
                 # what a step-level finding points to: numerics (overflow/NaN) or what was learned (data/labels)
                 f.evidence.setdefault("family", "numerical" if self.family(f) == "numerical" else "learned")
         return findings, checks
+
+    def probes(self, level: str, only: Iterable[str] | None = None) -> list[Probe]:
+        """The registry's probes of one level, or only those emitting one of the named ids."""
+        probes = self.registry.at(level)
+        if only is None:
+            return probes
+        wanted = set(only)
+        return [p for p in probes if wanted & set(p.ids)]
 
     def check(self, ctx: ProbeContext, level: str, *, only: Iterable[str] | None = None) -> list[Finding]:
         """Run the probes of one level (or only the named ids) on `ctx` and record them; returns the
@@ -83,17 +87,7 @@ class Session:
         self.report.record_checks(CheckResult(i, "skipped", reason, p.level) for p in self.registry.at(level) for i in p.ids)
 
     def family(self, f: Finding) -> str:
-        """The cause family of a finding: what its evidence says when it says it (a NaN argmax is
-        numerical, whatever id saw it), else what its probe declares."""
-        ev = f.evidence or {}
-        for key in ("family", "cause_family", "cause"):
-            v = ev.get(key)
-            if isinstance(v, str) and v.lower() in ("learned", "numerical"):
-                return v.lower()
-        if ev.get("logits_finite") is False or ev.get("finite") is False:
-            return "numerical"
-        probe = self.registry.get(f.id)
-        return probe.family if probe is not None else "other"
+        return cause_family(f, self.registry)
 
     # ---- joining parts ----------------------------------------------------------------------------
     def merge(self, other: Report, *, metrics: Iterable[str] = (), fill: bool = False) -> list[Finding]:
@@ -127,10 +121,23 @@ class Session:
 
 # ---- root causes --------------------------------------------------------------------------------------
 
+def cause_family(f: Finding, registry: Registry) -> str:
+    """The cause family of a finding: what its evidence says when it says it (a NaN argmax is
+    numerical, whatever id saw it), else what its probe declares."""
+    ev = f.evidence or {}
+    for key in ("family", "cause_family", "cause"):
+        v = ev.get(key)
+        if isinstance(v, str) and v.lower() in ("learned", "numerical"):
+            return v.lower()
+    if ev.get("logits_finite") is False or ev.get("finite") is False:
+        return "numerical"
+    probe = registry.get(f.id)
+    return probe.family if probe is not None else "other"
+
+
 def root_causes(report: Report, registry: Registry) -> list[dict[str, Any]]:
     """Fail findings ranked upstream-first, each with its family and a one-line explanation from its
     probe's declaration. A symptom whose family is known from its evidence is listed under it."""
-    session = Session.reopen(report, registry)
     # only a probe that declares a `cause` is ranked as one; the others count as ("other", 30, "")
     causes = {p.id: (p.family, p.priority, p.cause) for p in registry.probes if p.cause}
     fails = [f for f in report.findings if f.severity == "fail"]
@@ -138,15 +145,15 @@ def root_causes(report: Report, registry: Registry) -> list[dict[str, Any]]:
         # a warn that is a known upstream cause (fp16 + Adam, divergence) often explains the fails
         fails += [f for f in report.findings if f.severity == "warn" and causes.get(f.id, ("symptom",))[0] != "symptom"]
     ranked = []
+    text0 = _id0_text(report) if fails else None
     for f in fails:
         base_family, priority, what = causes.get(f.id, ("other", 30, ""))
         if f.id == "precision-overflow" and (f.evidence or {}).get("kind") == "nan-without-overflow":
             what = "NaN appeared with no value near the dtype's limit: NaN weights or inputs, not a range overflow."
-        text0 = _id0_text(report)
         if "id 0" in what and text0:
             what += f" In this tokenizer id 0 is {text0!r}."
         ranked.append({
-            "id": f.id, "family": session.family(f), "symptom": base_family == "symptom", "what": what,
+            "id": f.id, "family": cause_family(f, registry), "symptom": base_family == "symptom", "what": what,
             "message": f.message, "step": f.step, "level": f.level, "priority": priority,
         })
     ranked.sort(key=lambda r: (r["symptom"], r["priority"]))
